@@ -1,0 +1,467 @@
+"""One pure function per loss; the modules in :mod:`lossbank.losses` wrap these.
+
+Losses on logits take ``(logits, target, ...)``; margin losses take
+``(features, weight, target, ...)`` with ``weight`` of shape (num_classes, feature_dim).
+Every function validates its input (``ValueError`` naming the argument), accepts
+``reduction`` = 'mean' | 'sum' | 'none' as torch.nn does, and computes in at least
+float32: under bf16/fp16 autocast the inputs are upcast and autocast is switched off
+inside, because margins such as cos(mθ) or cos θ − 0.35 lose their meaning at 8 bits
+of mantissa.
+
+>>> import torch
+>>> from lossbank import functional as LF
+>>> logits, target = torch.randn(8, 4), torch.randint(0, 4, (8,))
+>>> LF.cross_entropy_loss(logits, target).shape
+torch.Size([])
+>>> features, weight = torch.randn(8, 16), torch.randn(4, 16)
+>>> LF.am_softmax_loss(features, weight, target, reduction="none").shape
+torch.Size([8])
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "l1_probability_loss",
+    "l2_probability_loss",
+    "multiclass_hinge_loss",
+    "cross_entropy_loss",
+    "class_balanced_weights",
+    "weighted_cross_entropy_loss",
+    "l_softmax_psi",
+    "l_softmax_lambda",
+    "l_softmax_logits",
+    "l_softmax_loss",
+    "cosine_logits",
+    "am_softmax_loss",
+    "arcface_loss",
+    "cosine_loss",
+    "distillation_loss",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+# Floor for norms: keeps cos θ finite (0) and its gradient finite for zero-norm features.
+_EPS = 1e-12
+
+
+# ---------------------------------------------------------------- validation helpers
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}")
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def _check_matrix(x: Tensor, name: str, what: str) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {what}; got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape {what}; got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor; got dtype {x.dtype}")
+
+
+def check_target(target: Tensor, batch: int, num_classes: int, name: str = "target") -> Tensor:
+    """Class indices: integer dtype, shape (batch,), values in [0, num_classes)."""
+    if not isinstance(target, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of class indices; got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(
+            f"{name} must hold integer class indices (dtype torch.long), not {target.dtype}; "
+            f"for one-hot or soft targets pass target.argmax(1)"
+        )
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(f"{name} must have shape ({batch},) to match the batch; got shape {tuple(target.shape)}")
+    if batch:
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"{name} values must be in [0, {num_classes - 1}] for num_classes={num_classes}; got min {lo}, max {hi}"
+            )
+    return target.long()
+
+
+def _check_logits_target(logits: Tensor, target: Tensor, name: str = "logits") -> Tensor:
+    _check_matrix(logits, name, "(batch, num_classes)")
+    return check_target(target, logits.shape[0], logits.shape[1])
+
+
+def _check_features_weight_target(features: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    _check_matrix(features, "features", "(batch, feature_dim)")
+    _check_matrix(weight, "weight", "(num_classes, feature_dim)")
+    if features.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"features has feature_dim {features.shape[1]} but weight has shape {tuple(weight.shape)}; "
+            f"weight must be (num_classes, {features.shape[1]})"
+        )
+    return check_target(target, features.shape[0], weight.shape[0])
+
+
+def _check_positive(value: float, name: str, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def full_precision(fn):
+    """Run ``fn`` with autocast off and every half-precision tensor argument upcast to float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = [_upcast(a) if isinstance(a, Tensor) else a for a in args]
+        kwargs = {k: _upcast(v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        device_types = {a.device.type for a in args if isinstance(a, Tensor)} or {"cpu"}
+        with _autocast_off(device_types):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _autocast_off:
+    def __init__(self, device_types):
+        self._contexts = [torch.autocast(device_type=d, enabled=False) for d in sorted(device_types)]
+
+    def __enter__(self):
+        for c in self._contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self._contexts):
+            c.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- losses on probabilities
+@full_precision
+def l1_probability_loss(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Σ_j |y_j − p_j| with p = softmax(logits) and y the one-hot target."""
+    check_reduction(reduction)
+    target = _check_logits_target(logits, target)
+    onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    per_sample = (onehot - logits.softmax(dim=1)).abs().sum(dim=1)
+    return _reduce(per_sample, reduction)
+
+
+@full_precision
+def l2_probability_loss(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Σ_j (y_j − p_j)², the Brier score of p = softmax(logits)."""
+    check_reduction(reduction)
+    target = _check_logits_target(logits, target)
+    onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    per_sample = (onehot - logits.softmax(dim=1)).pow(2).sum(dim=1)
+    return _reduce(per_sample, reduction)
+
+
+# ---------------------------------------------------------------- hinge
+HINGE_VARIANTS = ("crammer_singer", "weston_watkins")
+
+
+@full_precision
+def multiclass_hinge_loss(
+    logits: Tensor,
+    target: Tensor,
+    margin: float = 1.0,
+    variant: str = "crammer_singer",
+    reduction: str = "mean",
+) -> Tensor:
+    """Multi-class hinge loss.
+
+    ``crammer_singer``: max(0, margin − z_y + max_{j≠y} z_j).
+    ``weston_watkins``: Σ_{j≠y} max(0, margin − z_y + z_j) / C, which is what
+    ``torch.nn.MultiMarginLoss`` computes.
+    """
+    check_reduction(reduction)
+    _check_positive(margin, "margin", allow_zero=True)
+    if variant not in HINGE_VARIANTS:
+        raise ValueError(f"variant must be one of {HINGE_VARIANTS}; got {variant!r}")
+    target = _check_logits_target(logits, target)
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits must have at least 2 classes for a hinge loss; got shape {tuple(logits.shape)}")
+    is_target = F.one_hot(target, logits.shape[1]).bool()
+    target_logit = logits.gather(1, target[:, None])
+    if variant == "crammer_singer":
+        runner_up = logits.masked_fill(is_target, float("-inf")).amax(dim=1, keepdim=True)
+        per_sample = (margin - target_logit + runner_up).clamp_min(0).squeeze(1)
+    else:
+        violations = (margin - target_logit + logits).clamp_min(0).masked_fill(is_target, 0)
+        per_sample = violations.sum(dim=1) / logits.shape[1]
+    return _reduce(per_sample, reduction)
+
+
+# ---------------------------------------------------------------- cross-entropy
+def _check_class_weight(weight: Tensor | None, num_classes: int, name: str = "weight") -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.shape[0] != num_classes:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"{name} must be a 1-D tensor of length num_classes={num_classes}; got {shape}")
+    if bool((weight < 0).any()) or not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name} must be finite and non-negative; got {weight.tolist()}")
+
+
+@full_precision
+def cross_entropy_loss(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Softmax cross-entropy, as ``torch.nn.functional.cross_entropy``.
+
+    With class weights, 'mean' divides by the summed weight of the targets (torch's convention).
+    """
+    check_reduction(reduction)
+    target = _check_logits_target(logits, target)
+    _check_class_weight(weight, logits.shape[1])
+    if not (0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+    if weight is not None:
+        weight = weight.to(device=logits.device, dtype=logits.dtype)
+    return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def class_balanced_weights(class_counts) -> Tensor:
+    """w_j = N / (K · N_j): each class contributes equally to the loss, and w = 1 when balanced."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    if counts.dim() != 1 or counts.numel() < 1:
+        raise ValueError(f"class_counts must be a 1-D sequence with one count per class; got {class_counts!r}")
+    if bool((counts <= 0).any()):
+        empty = [i for i, c in enumerate(counts.tolist()) if c <= 0]
+        raise ValueError(
+            f"class_counts must be positive for every class; classes {empty} have count <= 0 "
+            f"(drop those classes or give them examples)"
+        )
+    return (counts.sum() / (counts.numel() * counts)).float()
+
+
+@full_precision
+def weighted_cross_entropy_loss(
+    logits: Tensor,
+    target: Tensor,
+    class_counts,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy with class-balanced weights computed from ``class_counts``."""
+    weight = class_balanced_weights(class_counts)
+    if logits.dim() == 2 and weight.shape[0] != logits.shape[1]:
+        raise ValueError(
+            f"class_counts has {weight.shape[0]} entries but logits has {logits.shape[1]} classes; "
+            f"give one count per class"
+        )
+    return cross_entropy_loss(logits, target, weight=weight, label_smoothing=label_smoothing, reduction=reduction)
+
+
+# ---------------------------------------------------------------- L-Softmax
+def _check_margin_int(margin) -> int:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != int(margin) or margin < 1:
+        raise ValueError(f"margin must be an integer >= 1 for L-Softmax (e.g. 1, 2, 3, 4); got {margin!r}")
+    return int(margin)
+
+
+def l_softmax_psi(cos_theta: Tensor, margin: int) -> Tensor:
+    """ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m], given cos θ.
+
+    cos(mθ) is the Chebyshev polynomial T_m(cos θ), so neither θ = acos(·) nor its
+    infinite slope at cos θ = ±1 enters the gradient; k is piecewise constant.
+    """
+    m = _check_margin_int(margin)
+    c = cos_theta.clamp(-1.0, 1.0)
+    t_prev, t_cur = torch.ones_like(c), c
+    for _ in range(m - 1):
+        t_prev, t_cur = t_cur, 2 * c * t_cur - t_prev
+    with torch.no_grad():
+        k = torch.floor(torch.acos(c) * m / math.pi).clamp(0, m - 1)
+        sign = 1.0 - 2.0 * torch.remainder(k, 2)
+    return sign * t_cur - 2 * k
+
+
+def l_softmax_lambda(step: int, base: float = 1000.0, gamma: float = 0.1, power: float = 2.0, lambda_min: float = 0.0) -> float:
+    """The authors' annealing: λ = max(λ_min, base · (1 + γ · step)^(−power))."""
+    return max(lambda_min, base * (1.0 + gamma * step) ** (-power))
+
+
+@full_precision
+def l_softmax_logits(features: Tensor, weight: Tensor) -> Tensor:
+    """Margin-free logits W x (no bias): what L-Softmax predicts with."""
+    return features @ weight.t()
+
+
+@full_precision
+def l_softmax_loss(
+    features: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    margin: int = 4,
+    lambda_: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """L-Softmax (Liu et al. 2016) with the authors' λ blend of the target logit.
+
+    target logit = (λ · W_y·x + ‖W_y‖‖x‖ψ(θ_y)) / (1 + λ); other logits W_j·x.
+    """
+    check_reduction(reduction)
+    _check_margin_int(margin)
+    _check_positive(lambda_, "lambda_", allow_zero=True)
+    target = _check_features_weight_target(features, weight, target)
+    logits = features @ weight.t()
+    return l_softmax_from_logits(logits, features, weight, target, margin, lambda_, reduction)
+
+
+def l_softmax_from_logits(
+    logits: Tensor, features: Tensor, weight: Tensor, target: Tensor, margin: int, lambda_: float, reduction: str
+) -> Tensor:
+    """L-Softmax given the already computed W x (validated inputs), so a head multiplies once."""
+    x_norm, w_norm = features.norm(dim=1), weight.norm(dim=1)
+    norm_product = x_norm * w_norm[target]
+    dot = logits.gather(1, target[:, None]).squeeze(1)
+    cos = dot / norm_product.clamp_min(_EPS)
+    psi = l_softmax_psi(cos, margin)
+    target_logit = (lambda_ * dot + norm_product * psi) / (1.0 + lambda_)
+    logits = logits.scatter(1, target[:, None], target_logit[:, None])
+    return F.cross_entropy(logits, target, reduction=reduction)
+
+
+# ---------------------------------------------------------------- normalised margin losses
+@full_precision
+def cosine_logits(features: Tensor, weight: Tensor, scale: float = 1.0) -> Tensor:
+    """s · cos θ_j between each feature and each class weight: margin-free logits of AM-Softmax / ArcFace."""
+    return scale * (F.normalize(features, dim=1, eps=_EPS) @ F.normalize(weight, dim=1, eps=_EPS).t())
+
+
+@full_precision
+def am_softmax_loss(
+    features: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    scale: float = 30.0,
+    margin: float = 0.35,
+    reduction: str = "mean",
+) -> Tensor:
+    """AM-Softmax (Wang et al. 2018): cross-entropy over s·(cos θ_y − m) and s·cos θ_j."""
+    check_reduction(reduction)
+    _check_positive(scale, "scale")
+    _check_positive(margin, "margin", allow_zero=True)
+    target = _check_features_weight_target(features, weight, target)
+    return am_softmax_from_cos(cosine_logits(features, weight), target, scale, margin, reduction)
+
+
+def am_softmax_from_cos(cos: Tensor, target: Tensor, scale: float, margin: float, reduction: str) -> Tensor:
+    """AM-Softmax given the cosine matrix (validated inputs), so a head multiplies once."""
+    cos = cos - margin * F.one_hot(target, cos.shape[1]).to(cos.dtype)
+    return F.cross_entropy(scale * cos, target, reduction=reduction)
+
+
+@full_precision
+def arcface_loss(
+    features: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    scale: float = 30.0,
+    margin: float = 0.5,
+    reduction: str = "mean",
+) -> Tensor:
+    """ArcFace (Deng et al. 2019): cross-entropy over s·cos(θ_y + m) and s·cos θ_j.
+
+    Where θ_y + m would pass π, cos(θ + m) stops decreasing; there the usual fallback
+    cos θ_y − m·sin m (a CosFace-style margin) keeps the target logit monotonic in θ.
+    """
+    check_reduction(reduction)
+    _check_positive(scale, "scale")
+    if not (isinstance(margin, (int, float)) and 0 <= margin < math.pi / 2):
+        raise ValueError(f"margin must be in [0, π/2) radians for ArcFace; got {margin!r}")
+    target = _check_features_weight_target(features, weight, target)
+    return arcface_from_cos(cosine_logits(features, weight), target, scale, margin, reduction)
+
+
+def arcface_from_cos(cos: Tensor, target: Tensor, scale: float, margin: float, reduction: str) -> Tensor:
+    """ArcFace given the cosine matrix (validated inputs), so a head multiplies once."""
+    cos = cos.clamp(-1.0, 1.0)
+    cos_y = cos.gather(1, target[:, None]).squeeze(1)
+    # The floor keeps d sinθ/d cosθ finite when cos θ = ±1 exactly.
+    sin_y = (1.0 - cos_y * cos_y).clamp_min(_EPS).sqrt()
+    cos_y_plus_m = cos_y * math.cos(margin) - sin_y * math.sin(margin)
+    fallback = cos_y - margin * math.sin(margin)
+    target_cos = torch.where(cos_y > math.cos(math.pi - margin), cos_y_plus_m, fallback)
+    logits = cos.scatter(1, target[:, None], target_cos[:, None])
+    return F.cross_entropy(scale * logits, target, reduction=reduction)
+
+
+# ---------------------------------------------------------------- cosine loss
+@full_precision
+def cosine_loss(
+    logits: Tensor,
+    target: Tensor,
+    xent_weight: float = 0.0,
+    xent_logits: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cosine loss (Barz & Denzler 2020): 1 − cos(f(x), one-hot(y)).
+
+    With ``xent_weight`` λ > 0 the paper adds λ · cross-entropy computed by a separate
+    linear layer on the L2-normalised embedding; pass that layer's output as ``xent_logits``.
+    """
+    check_reduction(reduction)
+    _check_positive(xent_weight, "xent_weight", allow_zero=True)
+    target = _check_logits_target(logits, target)
+    per_sample = 1.0 - F.normalize(logits, dim=1, eps=_EPS).gather(1, target[:, None]).squeeze(1)
+    if xent_weight > 0:
+        if xent_logits is None:
+            raise ValueError(
+                "xent_logits is required when xent_weight > 0: the cross-entropy term of the cosine loss "
+                "is computed on a separate linear layer over the normalised embedding (MarginAwareHead adds it)"
+            )
+        _check_matrix(xent_logits, "xent_logits", f"({logits.shape[0]}, num_classes)")
+        if xent_logits.shape[0] != logits.shape[0]:
+            raise ValueError(f"xent_logits must have {logits.shape[0]} rows like logits; got {tuple(xent_logits.shape)}")
+        per_sample = per_sample + xent_weight * F.cross_entropy(xent_logits, target, reduction="none")
+    return _reduce(per_sample, reduction)
+
+
+# ---------------------------------------------------------------- distillation
+@full_precision
+def distillation_loss(
+    logits: Tensor,
+    target: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 2.0,
+    alpha: float = 0.3,
+    reduction: str = "mean",
+) -> Tensor:
+    """Knowledge distillation (Hinton et al. 2015).
+
+    α · CE(z_s, y) + (1 − α) · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)). The teacher
+    is a fixed target: no gradient flows into ``teacher_logits``.
+    """
+    check_reduction(reduction)
+    _check_positive(temperature, "temperature")
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1]; got {alpha!r}")
+    target = _check_logits_target(logits, target)
+    _check_matrix(teacher_logits, "teacher_logits", f"{tuple(logits.shape)}")
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the student's shape {tuple(logits.shape)}; got {tuple(teacher_logits.shape)}"
+        )
+    teacher_log_p = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    student_log_p = F.log_softmax(logits / temperature, dim=1)
+    kl = F.kl_div(student_log_p, teacher_log_p, reduction="none", log_target=True).sum(dim=1)
+    ce = F.cross_entropy(logits, target, reduction="none")
+    per_sample = alpha * ce + (1.0 - alpha) * temperature**2 * kl
+    return _reduce(per_sample, reduction)
