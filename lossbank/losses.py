@@ -131,8 +131,8 @@ class MulticlassHinge(_Loss):
 
 @register_loss(
     "cross_entropy",
-    paper="softmax cross-entropy (e.g. Bridle, 'Probabilistic Interpretation of Feedforward Classification "
-    "Network Outputs', 1990); label smoothing: Szegedy et al., 'Rethinking the Inception Architecture', 2016",
+    paper="Bridle, 'Probabilistic Interpretation of Feedforward Classification Network Outputs, with "
+    "Relationships to Statistical Pattern Recognition', 1990; label smoothing: Szegedy et al., 'Rethinking the Inception Architecture', 2016",
     input="logits",
     defaults_source="no class weights, no label smoothing (plain softmax cross-entropy)",
 )
