@@ -1,0 +1,852 @@
+"""The datasets the loss comparison trains on: finding them, splitting them,
+decoding their images and auditing a copy.
+
+The three named datasets (weather, fruits, covid) are described in
+``datasets_manifest.yaml`` at the repository root, file by file, as their public
+archives unpack. A user's own images come in through ``data_dir``.
+
+Command line::
+
+    python -m evaluation.data verify {weather,fruits,covid,all} [--data-root P]
+    python -m evaluation.data verify --data-dir PATH
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import math
+import multiprocessing
+import os
+import pathlib
+import re
+import sys
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+DATASETS = ("weather", "fruits", "covid")
+MANIFEST_PATH = pathlib.Path(__file__).resolve().parent.parent / "datasets_manifest.yaml"
+DEFAULT_DATA_ROOT = pathlib.Path("~/.cache/lossbank/datasets")
+DATA_ROOT_ENV = "LOSSBANK_DATA"
+SPLITS = ("train", "valid")
+# What counts as an image in a user's folder; anything else there is listed, not read.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+VALID_FOLDER_NAMES = ("valid", "val", "test")
+# A copy missing more than this share of its images is most likely an interrupted
+# download or unpack, and results on it would not be comparable: refuse it.
+MAX_MISSING_FRACTION = 0.10
+USER_VALID_FRACTION = 0.2
+
+
+class DatasetError(Exception):
+    """A dataset cannot be used as given; the message says what to do."""
+
+
+class ImageDecodeError(DatasetError):
+    """One image file cannot be decoded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: pathlib.Path  # absolute
+    label: int  # index into DatasetSplits.classes
+
+
+@dataclass
+class DatasetSplits:
+    name: str
+    classes: list[str]
+    train: list[Sample]
+    valid: list[Sample]
+    root: pathlib.Path
+    notes: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Digest of which files, as which label and split, make up this dataset.
+
+        Built from file metadata only (size and mtime, never the bytes), so it is
+        cheap enough to key a feature cache on every run; replacing a file changes it.
+        """
+        h = hashlib.sha256()
+        h.update(f"{self.name}\n{','.join(self.classes)}\n".encode())
+        for split, samples in (("train", self.train), ("valid", self.valid)):
+            for s in samples:
+                st = os.stat(s.path)
+                rel = _relative(s.path, self.root)
+                h.update(f"{split}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{s.label}\n".encode())
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Locating data and the manifest
+
+def resolve_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Path:
+    """The folder holding weather/, fruits/ and covid/: the argument, else
+    $LOSSBANK_DATA, else ~/.cache/lossbank/datasets."""
+    if data_root is None or str(data_root) == "":
+        data_root = os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT
+    return pathlib.Path(data_root).expanduser().absolute()
+
+
+def _data_root_origin(data_root) -> str:
+    if data_root is not None and str(data_root) != "":
+        return "from --data-root"
+    if os.environ.get(DATA_ROOT_ENV):
+        return f"from ${DATA_ROOT_ENV}"
+    return f"the default; set --data-root or ${DATA_ROOT_ENV} to use another folder"
+
+
+def load_manifest(path=None) -> dict:
+    """The parsed datasets_manifest.yaml: {dataset name: entry}."""
+    path = pathlib.Path(path) if path is not None else MANIFEST_PATH
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DatasetError(f"cannot read the dataset manifest {path}: {e}") from e
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise DatasetError(f"the dataset manifest {path} is not valid YAML: {e}") from e
+    datasets = doc.get("datasets") if isinstance(doc, dict) else None
+    if not isinstance(datasets, dict):
+        raise DatasetError(f"the dataset manifest {path} has no 'datasets:' mapping")
+    required = ("sources", "layout", "classes", "split", "counts", "files")
+    for name in DATASETS:
+        entry = datasets.get(name)
+        if not isinstance(entry, dict):
+            raise DatasetError(f"the dataset manifest {path} has no entry for '{name}'")
+        lacking = [k for k in required if k not in entry]
+        if lacking:
+            raise DatasetError(f"the dataset manifest {path}: '{name}' lacks {', '.join(lacking)}")
+    return datasets
+
+
+# ---------------------------------------------------------------------------
+# Splitting
+
+def natural_key(text: str):
+    """Sort key that puts cloudy2 before cloudy10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def valid_count(n: int, valid_fraction) -> int:
+    """ceil(valid_fraction * n) in exact arithmetic (0.2 * 300 is 60, not 60.000...01),
+    leaving at least one training image in a class of two or more."""
+    if n < 2:
+        return 0
+    return min(n - 1, math.ceil(Fraction(str(valid_fraction)) * n))
+
+
+def stratified_split(files_by_class: dict[str, list[str]], valid_fraction, seed: int,
+                     keep_together=()) -> dict[str, set[str]]:
+    """The valid file names of each class; the rest is train.
+
+    Depends only on the names given, the seed and the groups, never on the machine
+    or on which files exist on disk. The rule is spelt out in datasets_manifest.yaml
+    (weather, split.rule).
+    """
+    group_of = {}
+    for group in keep_together:
+        for name in group:
+            group_of[name] = tuple(group)
+    valid = {}
+    for cls, names in files_by_class.items():
+        names = sorted(set(names), key=natural_key)
+        in_class = set(names)
+        units, seen = [], set()
+        for name in names:
+            if name in seen:
+                continue
+            unit = tuple(sorted((m for m in group_of.get(name, (name,)) if m in in_class), key=natural_key))
+            seen.update(unit)
+            units.append(unit)
+        units.sort(key=lambda u: hashlib.sha256(f"{seed}/{cls}/{u[0]}".encode()).digest())
+        target = valid_count(len(names), valid_fraction)
+        chosen: set[str] = set()
+        for unit in units:
+            if len(chosen) == target:
+                break
+            if len(chosen) + len(unit) <= target:
+                chosen.update(unit)
+        valid[cls] = chosen
+    return valid
+
+
+# ---------------------------------------------------------------------------
+# Finding the files of a dataset
+
+@dataclass
+class _Entry:
+    rel: str  # posix path relative to the dataset root
+    split: str
+    label: int
+
+
+@dataclass
+class _Scan:
+    """Everything a dataset folder holds, before duplicates are dropped."""
+    name: str
+    root: pathlib.Path
+    classes: list[str]
+    present: list[_Entry]
+    missing: list[_Entry]
+    unexpected: list[str]
+    expected_counts: dict[str, dict[str, int]] | None  # split -> class -> count; None for user data
+    layout: str
+    notes: list[str]
+
+
+def _relative(path: pathlib.Path, root: pathlib.Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _list_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Every non-hidden file under folder (hidden ones are OS litter like .DS_Store)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(pathlib.Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(out, key=lambda p: natural_key(p.as_posix()))
+
+
+def _not_found_message(name, spec, where: pathlib.Path, origin: str, what: str) -> str:
+    sources = "\n  ".join(spec["sources"])
+    return (f"{what}\n"
+            f"Looked in: {where} (data root {origin}).\n"
+            f"Download it from:\n  {sources}\n"
+            f"and unpack it so that the images are at {spec['layout']['expected']}.\n"
+            f"Then check the copy with: python -m evaluation.data verify {name}")
+
+
+def _scan_named(name: str, data_root, split_seed: int) -> _Scan:
+    manifest = load_manifest()
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}, "
+                           f"or pass data_dir / --data-dir for your own images")
+    spec = manifest[name]
+    layout = spec["layout"]
+    root = resolve_data_root(data_root) / name
+    origin = _data_root_origin(data_root)
+    if not root.is_dir():
+        what = f"Dataset '{name}' not found: {root} does not exist."
+        if all((root.parent / folder).is_dir() for folder in layout["folders"].values()):
+            what += (f" {root.parent} itself looks like the {name} folder: the data root is the "
+                     f"folder that holds {name}/, i.e. {root.parent.parent}.")
+        raise DatasetError(_not_found_message(name, spec, root, origin, what))
+    canonical = list(spec["classes"])
+    raw_to_label = {raw: i for i, raw in enumerate(spec["classes"].values())}
+    by_folder_labels = layout["labels"]
+
+    expected: list[_Entry] = []
+    for key, folder in layout["folders"].items():
+        if not (root / folder).is_dir():
+            raise DatasetError(_not_found_message(
+                name, spec, root / folder, origin,
+                f"Dataset '{name}' is incomplete: the folder {root / folder} is missing."))
+        files = spec["files"][key]
+        if key == "all":
+            valid_names = stratified_split(files, spec["split"]["valid_fraction"], split_seed,
+                                           spec["split"].get("keep_together") or ())
+        for raw, names in files.items():
+            for fname in names:
+                if key == "all":
+                    split = "valid" if fname in valid_names[raw] else "train"
+                else:
+                    split = key
+                rel = f"{folder}/{raw}/{fname}" if by_folder_labels == "class_folder" else f"{folder}/{fname}"
+                expected.append(_Entry(rel, split, raw_to_label[raw]))
+
+    on_disk = set()
+    for folder in layout["folders"].values():
+        for p in _list_files(root / folder):
+            on_disk.add(_relative(p, root))
+    ignore = layout.get("ignore") or ()
+    expected_rels = {e.rel for e in expected}
+    present = [e for e in expected if e.rel in on_disk]
+    missing = [e for e in expected if e.rel not in on_disk]
+    unexpected = sorted((r for r in on_disk - expected_rels
+                         if not any(fnmatch.fnmatch(r.rsplit("/", 1)[-1], pat) for pat in ignore)),
+                        key=natural_key)
+
+    counts = {s: {c: int(spec["counts"][s][c]) for c in canonical} for s in SPLITS}
+    scan = _Scan(name, root, canonical, present, missing, unexpected, counts, layout["expected"], [])
+
+    problems = []
+    for s in SPLITS:
+        for i, c in enumerate(canonical):
+            if not any(e.split == s and e.label == i for e in present):
+                problems.append(f"no {s} images of class '{c}'")
+    if len(missing) > MAX_MISSING_FRACTION * len(expected):
+        problems.append(f"{len(missing)} of {len(expected)} images are missing")
+    if problems:
+        raise DatasetError(_not_found_message(
+            name, spec, root, origin, f"Dataset '{name}' is incomplete: {'; '.join(problems)}."))
+    if missing:
+        shown = ", ".join(e.rel for e in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        scan.notes.append(f"{name}: {len(missing)} of {len(expected)} images are missing from {root} "
+                          f"({shown}); using the {len(present)} present. A full download from "
+                          f"{spec['sources'][0]} has them.")
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (", ..." if len(unexpected) > 10 else "")
+        scan.notes.append(f"{name}: {len(unexpected)} files in {root} are not in the manifest "
+                          f"and are not used ({shown})")
+    return scan
+
+
+def _canonical_class(raw: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", raw.strip().lower()).strip("_")
+
+
+def _is_image_name(p: pathlib.Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _class_folders(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                  key=lambda d: natural_key(d.name))
+
+
+def _find_child(folder: pathlib.Path, wanted: str) -> pathlib.Path | None:
+    for d in _class_folders(folder):
+        if d.name.lower() == wanted:
+            return d
+    return None
+
+
+def _scan_user_dir(data_dir, split_seed: int) -> _Scan:
+    root = pathlib.Path(data_dir).expanduser().absolute()
+    layout_help = (f"{root}/train/<class>/<images> plus {root}/valid/<class>/<images> "
+                   f"(or val/ or test/), or just {root}/<class>/<images> for a seeded, "
+                   f"stratified 80/20 split")
+    if not root.is_dir():
+        raise DatasetError(f"--data-dir {root} is not a folder. Expected {layout_help}.")
+    train_dir = _find_child(root, "train")
+    valid_dir = None
+    for cand in VALID_FOLDER_NAMES:
+        valid_dir = valid_dir or _find_child(root, cand)
+    notes: list[str] = []
+    unexpected: list[str] = []
+
+    def images_by_class(folder: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+        out = {}
+        for d in _class_folders(folder):
+            files = _list_files(d)
+            imgs = [p for p in files if _is_image_name(p)]
+            unexpected.extend(_relative(p, root) for p in files if not _is_image_name(p))
+            if imgs:
+                out[d.name] = imgs
+        for p in folder.iterdir():
+            if p.is_file() and not p.name.startswith("."):
+                unexpected.append(_relative(p, root))
+        return out
+
+    if train_dir is not None or valid_dir is not None:
+        if train_dir is None or valid_dir is None:
+            have = (train_dir or valid_dir).name
+            raise DatasetError(f"--data-dir {root} has {have}/ but not its partner: expected "
+                               f"{layout_help}.")
+        per_split = {"train": images_by_class(train_dir), "valid": images_by_class(valid_dir)}
+        split_note = f"train = {train_dir.name}/, valid = {valid_dir.name}/"
+    else:
+        found = images_by_class(root)
+        if not found:
+            raise DatasetError(f"--data-dir {root} holds no class folders with images. "
+                               f"Expected {layout_help}.")
+        names = {raw: [_relative(p, root / raw) for p in paths] for raw, paths in found.items()}
+        valid_names = stratified_split(names, USER_VALID_FRACTION, split_seed)
+        per_split = {"train": {}, "valid": {}}
+        for raw, paths in found.items():
+            for p in paths:
+                s = "valid" if _relative(p, root / raw) in valid_names[raw] else "train"
+                per_split[s].setdefault(raw, []).append(p)
+        split_note = (f"seeded stratified split (seed {split_seed}): valid = "
+                      f"ceil({USER_VALID_FRACTION} x n) per class, files ranked by "
+                      f"sha256('<seed>/<class folder>/<path in it>')")
+
+    raw_names = sorted(set(per_split["train"]) | set(per_split["valid"]), key=natural_key)
+    canonical_of = {}
+    for raw in raw_names:
+        c = _canonical_class(raw)
+        if not c:
+            raise DatasetError(f"--data-dir {root}: the class folder name '{raw}' has no letters "
+                               f"or digits; rename it.")
+        canonical_of[raw] = c
+    clashes = defaultdict(set)
+    for raw, c in canonical_of.items():
+        clashes[c].add(raw)
+    for c, raws in clashes.items():
+        if len(raws) > 1:
+            raise DatasetError(f"--data-dir {root}: class folders {sorted(raws)} all mean class "
+                               f"'{c}'; rename or merge them.")
+    classes = sorted(set(canonical_of.values()))
+    no_train = sorted(c for raw, c in canonical_of.items() if raw not in per_split["train"])
+    if no_train:
+        raise DatasetError(f"--data-dir {root}: class(es) {', '.join(no_train)} have no training "
+                           f"images; a model cannot learn them. Add images or remove the folder.")
+    if len(classes) < 2:
+        raise DatasetError(f"--data-dir {root}: found only class {classes}; a classifier needs "
+                           f"at least two class folders. Expected {layout_help}.")
+    no_valid = sorted(c for raw, c in canonical_of.items() if raw not in per_split["valid"])
+    if no_valid:
+        notes.append(f"{root.name}: no validation images for class(es) {', '.join(no_valid)}")
+    present = [_Entry(_relative(p, root), s, classes.index(canonical_of[raw]))
+               for s in SPLITS for raw, paths in per_split[s].items() for p in paths]
+    present.sort(key=lambda e: (SPLITS.index(e.split), e.label, natural_key(e.rel)))
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (", ..." if len(unexpected) > 10 else "")
+        notes.append(f"{root.name}: {len(unexpected)} files that are not images by their extension "
+                     f"are ignored ({shown})")
+    return _Scan(root.name, root, classes, present, [], sorted(unexpected, key=natural_key), None,
+                 f"{split_note}; expected {layout_help}", notes)
+
+
+def _scan(name, data_root, data_dir, split_seed) -> _Scan:
+    if (name is None) == (data_dir is None):
+        raise DatasetError("give exactly one of a dataset name "
+                           f"({', '.join(DATASETS)}) or data_dir / --data-dir")
+    if data_dir is not None:
+        return _scan_user_dir(data_dir, split_seed)
+    return _scan_named(name, data_root, split_seed)
+
+
+# ---------------------------------------------------------------------------
+# Duplicates
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _duplicates_to_drop(entries: list[_Entry], digests: dict[str, str]):
+    """Which entries --drop-duplicates removes: (dropped rels by reason, notes).
+
+    Within train one copy of each byte-identical group stays (the first in name
+    order); valid images whose bytes are in train are leaked and go; so do extra
+    copies inside valid.
+    """
+    ordered = sorted(entries, key=lambda e: natural_key(e.rel))
+    train_seen: dict[str, _Entry] = {}
+    dropped = {"train_duplicates": [], "valid_duplicates": [], "leaked_valid": []}
+    notes = []
+    for e in ordered:
+        if e.split != "train":
+            continue
+        first = train_seen.setdefault(digests[e.rel], e)
+        if first is not e:
+            dropped["train_duplicates"].append(e.rel)
+            if first.label != e.label:
+                notes.append(f"{e.rel} and {first.rel} are the same image with different labels; "
+                             f"kept {first.rel}")
+    valid_seen: dict[str, _Entry] = {}
+    for e in ordered:
+        if e.split != "valid":
+            continue
+        d = digests[e.rel]
+        if d in train_seen:
+            dropped["leaked_valid"].append(e.rel)
+        elif valid_seen.setdefault(d, e) is not e:
+            dropped["valid_duplicates"].append(e.rel)
+    return dropped, notes
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+def load_dataset(name: str | None = None, *, data_root=None, data_dir=None,
+                 drop_duplicates: bool = False, split_seed: int = 0) -> DatasetSplits:
+    """Train and valid samples of a named dataset, or of a user's folder (data_dir).
+
+    A partial copy loads with a warning naming the missing count; a missing or
+    badly incomplete one raises DatasetError saying where it looked and what to get.
+    """
+    scan = _scan(name, data_root, data_dir, split_seed)
+    notes = list(scan.notes)
+    for note in scan.notes:
+        warnings.warn(note, stacklevel=2)
+    entries = scan.present
+    dropped_counts: dict[str, int] = {}
+    if drop_duplicates:
+        digests = {e.rel: file_sha256(scan.root / e.rel) for e in entries}
+        dropped, dup_notes = _duplicates_to_drop(entries, digests)
+        gone = {rel for rels in dropped.values() for rel in rels}
+        entries = [e for e in entries if e.rel not in gone]
+        dropped_counts = {k: len(v) for k, v in dropped.items()}
+        notes.append(f"{scan.name}: --drop-duplicates removed {dropped_counts['train_duplicates']} "
+                     f"duplicate train images, {dropped_counts['valid_duplicates']} duplicate valid "
+                     f"images and {dropped_counts['leaked_valid']} valid images identical to a train "
+                     f"image")
+        notes.extend(dup_notes)
+
+    def samples(split):
+        chosen = [e for e in entries if e.split == split]
+        chosen.sort(key=lambda e: (e.label, natural_key(e.rel)))
+        return [Sample((scan.root / e.rel), e.label) for e in chosen]
+
+    return DatasetSplits(scan.name, list(scan.classes), samples("train"), samples("valid"),
+                         scan.root, notes, dropped_counts)
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+
+def _flatten_alpha(im: Image.Image) -> Image.Image:
+    # White, because transparent areas in web images are meant to show a page
+    # background, which is almost always white.
+    rgba = im.convert("RGBA")
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I") or mode == "F":
+        # convert("RGB") clips 16-bit and float values at 255 instead of scaling them,
+        # which turns most of a 16-bit photo white.
+        a = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0
+        elif mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+        return grey.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
+        return _flatten_alpha(im)
+    return im.convert("RGB")
+
+
+def _shrink(im: Image.Image, size: int) -> Image.Image:
+    factor = min(im.size) // size
+    return im.reduce(factor) if factor >= 2 else im
+
+
+def decode_image(path, size: int | None = None) -> Image.Image:
+    """The image at path as RGB, whatever its extension claims.
+
+    GIFs give their first frame, alpha is flattened onto white, 16-bit and
+    greyscale are scaled to 8-bit RGB, EXIF orientation is applied. With size,
+    JPEGs are decoded at a reduced scale (draft mode) and other formats are
+    reduced by an integer factor, always keeping the shorter side >= size.
+    Raises ImageDecodeError naming the file if it cannot be decoded.
+    """
+    path = pathlib.Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(f"cannot decode image {path}: the file is empty (0 bytes). "
+                                   f"Replace it with a good copy or delete it.")
+        with Image.open(path) as im:
+            if size is not None and im.format == "JPEG":
+                im.draft(None, (size, size))
+            im.load()
+            try:
+                im_t = ImageOps.exif_transpose(im)
+            except Exception:
+                # A corrupt EXIF block only loses the rotation; the pixels are fine.
+                im_t = im
+            rgb = _to_rgb(im_t)
+            if rgb is im:
+                rgb = im.copy()
+        if size is not None:
+            rgb = _shrink(rgb, size)
+        return rgb
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # PIL raises many types for bad files; all mean "unusable"
+        raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}. "
+                               f"Replace it with a good copy or delete it.") from e
+
+
+def _decode_squashed(job):
+    index, path, size = job
+    try:
+        im = decode_image(path, size)
+    except ImageDecodeError as e:
+        return index, None, str(e)
+    # The whole photo squashed to a square, no crop: in whole-scene classes (sky,
+    # X-ray) the edges carry the class as much as the centre.
+    im = im.resize((size, size), Image.BILINEAR)
+    return index, np.asarray(im, dtype=np.uint8), None
+
+
+def _pool_context():
+    # fork starts workers instantly and they need only PIL and numpy, not torch's
+    # thread pools; spawn would re-import torch in every worker (seconds each).
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+def _run_parallel(func, jobs, workers: int, progress: bool, desc: str):
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        if workers > 1 and len(jobs) >= 2 * workers:
+            with _pool_context().Pool(workers) as pool:
+                for result in pool.imap_unordered(func, jobs, chunksize=8):
+                    bar.update()
+                    yield result
+        else:
+            for job in jobs:
+                result = func(job)
+                bar.update()
+                yield result
+    finally:
+        bar.close()
+
+
+def load_images(samples: list[Sample], size: int, workers: int = 2, progress: bool = True):
+    """Decode every sample once and squash it to size x size.
+
+    Returns (uint8 tensor (n_ok, 3, size, size), indices into samples of the
+    images that decoded, paths that failed). Undecodable files are skipped with
+    one warning that lists them all.
+    """
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    jobs = [(i, str(s.path), size) for i, s in enumerate(samples)]
+    arrays: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    for index, array, error in _run_parallel(_decode_squashed, jobs, workers, progress, "decoding"):
+        if array is None:
+            errors[index] = error
+        else:
+            arrays[index] = array
+    kept = sorted(arrays)
+    batch = np.empty((len(kept), size, size, 3), dtype=np.uint8)
+    for row, index in enumerate(kept):
+        batch[row] = arrays[index]
+    failed = [samples[i].path for i in sorted(errors)]
+    if errors:
+        lines = "\n  ".join(errors[i] for i in sorted(errors))
+        warnings.warn(f"{len(errors)} of {len(samples)} image files could not be decoded and are "
+                      f"skipped:\n  {lines}", stacklevel=2)
+    tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+    return tensor, kept, failed
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(float image CHW in [0, 1], label) pairs, decoded once up front.
+
+    Undecodable files are left out (see .failed); .samples are the ones kept,
+    in the order of the input list.
+    """
+
+    def __init__(self, samples: list[Sample], size: int, *, transform=None, workers: int = 2,
+                 progress: bool = False):
+        self.images, kept, self.failed = load_images(samples, size, workers=workers, progress=progress)
+        self.samples = [samples[i] for i in kept]
+        self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        image = self.images[index].float().div_(255.0)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+# ---------------------------------------------------------------------------
+# Audit
+
+_FORMAT_OF_EXTENSION = {ext: fmt for ext, fmt in Image.registered_extensions().items()}
+
+
+def _probe(job):
+    """Facts about one file for the audit: its hash, real format, mode, frames,
+    EXIF orientation, and whether it decodes."""
+    rel, path = job
+    info = {"rel": rel, "sha256": None, "format": None, "mode": None, "frames": 1,
+            "orientation": 1, "error": None}
+    try:
+        info["sha256"] = file_sha256(path)
+        with Image.open(path) as im:
+            info["format"], info["mode"] = im.format, im.mode
+            info["frames"] = getattr(im, "n_frames", 1)
+            try:
+                info["orientation"] = im.getexif().get(0x0112, 1) or 1
+            except Exception:
+                info["orientation"] = 1
+    except Exception:
+        pass  # decode_image below reports the reason
+    try:
+        decode_image(path, 16)
+    except ImageDecodeError as e:
+        info["error"] = str(e)
+    return info
+
+
+def _oddity(info) -> str | None:
+    """Why a file deserves a mention, or None if it is a plain RGB image named right."""
+    ext = os.path.splitext(info["rel"])[1].lower()
+    reasons = []
+    expected_fmt = _FORMAT_OF_EXTENSION.get(ext)
+    if info["format"] and info["format"] != expected_fmt:
+        reasons.append(f"{info['format']} named {ext or '(no extension)'}")
+    if info["mode"] and info["mode"] != "RGB":
+        what = {"L": "greyscale", "P": "palette", "RGBA": "RGB with alpha (flattened onto white)",
+                "LA": "greyscale with alpha (flattened onto white)", "CMYK": "CMYK",
+                "I;16": "16-bit greyscale", "I": "32-bit integer", "1": "1-bit"}.get(info["mode"], "")
+        reasons.append(f"mode {info['mode']}" + (f" = {what}" if what else ""))
+    if info["frames"] > 1:
+        reasons.append(f"animated, {info['frames']} frames (the first is used)")
+    if info["orientation"] not in (1, None):
+        reasons.append(f"EXIF orientation {info['orientation']} (rotated on load)")
+    return "; ".join(reasons) or None
+
+
+def audit(name=None, *, data_root=None, data_dir=None, workers: int = 2) -> tuple[str, bool]:
+    """A printable report on a dataset copy and whether it is usable for training."""
+    try:
+        scan = _scan(name, data_root, data_dir, 0)
+    except DatasetError as e:
+        label = name if name is not None else f"--data-dir {data_dir}"
+        return f"== {label}: NOT USABLE\n{e}\n", False
+
+    out = [f"== {scan.name}: {scan.root}", f"layout: {scan.layout}"]
+    infos = {i["rel"]: i for i in _run_parallel(
+        _probe, [(e.rel, str(scan.root / e.rel)) for e in scan.present], workers, False, "audit")}
+    by_rel = {e.rel: e for e in scan.present}
+
+    # Counts, beside the manifest's where there is one.
+    n_expected = len(scan.present) + len(scan.missing)
+    if scan.expected_counts is not None:
+        out.append(f"images: {len(scan.present)} of {n_expected} expected "
+                   f"({len(scan.missing)} missing, {len(scan.unexpected)} unexpected files)")
+    else:
+        out.append(f"images: {len(scan.present)} ({len(scan.unexpected)} other files ignored)")
+    width = max(len(c) for c in scan.classes + ["class", "total"])
+    out.append(f"  {'class':<{width}}  {'train':>13}  {'valid':>13}")
+    totals = {s: [0, 0] for s in SPLITS}
+    for i, c in enumerate(scan.classes):
+        cells = []
+        for s in SPLITS:
+            found = sum(1 for e in scan.present if e.split == s and e.label == i)
+            totals[s][0] += found
+            if scan.expected_counts is not None:
+                exp = scan.expected_counts[s][c]
+                totals[s][1] += exp
+                cells.append(f"{found:>5} of {exp:<5}")
+            else:
+                cells.append(f"{found:>13}")
+        out.append(f"  {c:<{width}}  {cells[0]:>13}  {cells[1]:>13}")
+    if scan.expected_counts is not None:
+        out.append(f"  {'total':<{width}}  " + "  ".join(f"{totals[s][0]:>5} of {totals[s][1]:<5}"
+                                                        for s in SPLITS))
+    else:
+        out.append(f"  {'total':<{width}}  " + "  ".join(f"{totals[s][0]:>13}" for s in SPLITS))
+
+    def section(title, lines, detail=""):
+        out.append(f"{title} ({len(lines)}{detail})" + (":" if lines else ""))
+        out.extend(f"  {line}" for line in lines)
+
+    if scan.expected_counts is not None:
+        section("missing", [f"{e.rel} ({e.split}, {scan.classes[e.label]})" for e in scan.missing])
+        section("unexpected files, not used", scan.unexpected)
+    elif scan.unexpected:
+        section("ignored files (not images by extension)", scan.unexpected)
+    odd = [(rel, _oddity(info)) for rel, info in sorted(infos.items(), key=lambda kv: natural_key(kv[0]))]
+    section("format differs from extension, or not plain RGB (all decode to RGB)",
+            [f"{rel}: {why}" for rel, why in odd if why and not infos[rel]["error"]])
+    undecodable = [infos[rel]["error"] for rel in sorted(infos, key=natural_key) if infos[rel]["error"]]
+    section("cannot be decoded (skipped when training)", undecodable)
+
+    groups = defaultdict(list)
+    for rel, info in infos.items():
+        if info["sha256"]:
+            groups[info["sha256"]].append(rel)
+    dup_groups = sorted((sorted(g, key=natural_key) for g in groups.values() if len(g) > 1),
+                        key=lambda g: natural_key(g[0]))
+
+    def tag(rel):
+        e = by_rel[rel]
+        return f"{rel} [{e.split}, {scan.classes[e.label]}]"
+
+    section("groups of byte-identical images", [" = ".join(tag(r) for r in g) for g in dup_groups],
+            f", {sum(len(g) - 1 for g in dup_groups)} redundant copies")
+    leaked = [g for g in dup_groups if {by_rel[r].split for r in g} == set(SPLITS)]
+    section("images in both train and valid (leakage)",
+            [" = ".join(tag(r) for r in g) for g in leaked])
+    mixed = [g for g in dup_groups if len({by_rel[r].label for r in g}) > 1]
+    if mixed:
+        section("identical images with different labels", [" = ".join(tag(r) for r in g) for g in mixed])
+
+    digests = {rel: info["sha256"] or f"unreadable:{rel}" for rel, info in infos.items()}
+    dropped, _ = _duplicates_to_drop(scan.present, digests)
+    out.append(f"--drop-duplicates would remove {len(dropped['train_duplicates'])} duplicate train "
+               f"images, {len(dropped['valid_duplicates'])} duplicate valid images and "
+               f"{len(dropped['leaked_valid'])} leaked valid images")
+
+    problems = []
+    bad = {rel for rel, info in infos.items() if info["error"]}
+    for s in SPLITS:
+        for i, c in enumerate(scan.classes):
+            if not any(e.split == s and e.label == i and e.rel not in bad for e in scan.present):
+                if s == "train" or scan.expected_counts is not None:
+                    problems.append(f"no decodable {s} images of class '{c}'")
+    usable = not problems
+    if usable:
+        caveats = []
+        if scan.missing:
+            caveats.append(f"{len(scan.missing)} images missing")
+        if bad:
+            caveats.append(f"{len(bad)} undecodable images skipped")
+        out.append("verdict: USABLE" + (f" ({'; '.join(caveats)})" if caveats else ""))
+    else:
+        out.append(f"verdict: NOT USABLE: {'; '.join(problems)}")
+    return "\n".join(out) + "\n", usable
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.data",
+                                     description="Check dataset copies against datasets_manifest.yaml.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="audit a dataset copy: counts, odd files, duplicates, leakage")
+    verify.add_argument("dataset", nargs="?", choices=DATASETS + ("all",),
+                        help="a named dataset, or all three")
+    verify.add_argument("--data-root", help=f"folder holding the named datasets "
+                                            f"(default: ${DATA_ROOT_ENV}, else {DEFAULT_DATA_ROOT})")
+    verify.add_argument("--data-dir", help="your own images: train/<class>/* and valid/<class>/*, "
+                                           "or <class>/* folders")
+    args = parser.parse_args(argv)
+    if (args.dataset is None) == (args.data_dir is None):
+        parser.error("give either a dataset name (weather, fruits, covid, all) or --data-dir PATH")
+    if args.data_dir is not None:
+        runs = [dict(data_dir=args.data_dir)]
+    else:
+        names = DATASETS if args.dataset == "all" else (args.dataset,)
+        runs = [dict(name=n, data_root=args.data_root) for n in names]
+    unusable = []
+    for kwargs in runs:
+        report, usable = audit(**kwargs)
+        print(report)
+        if not usable:
+            unusable.append(kwargs.get("name") or kwargs.get("data_dir"))
+    if unusable:
+        print(f"error: not usable: {', '.join(map(str, unusable))} (see the report above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
