@@ -222,12 +222,14 @@ def _list_files(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(out, key=lambda p: natural_key(p.as_posix()))
 
 
-def _not_found_message(name, spec, where: pathlib.Path, origin: str, what: str) -> str:
+def _not_found_message(name, spec, where: pathlib.Path, data_root: pathlib.Path, origin: str,
+                       what: str) -> str:
     sources = "\n  ".join(spec["sources"])
     return (f"{what}\n"
-            f"Looked in: {where} (data root {origin}).\n"
+            f"Looked in: {where} (data root {data_root}, {origin}).\n"
             f"Download it from:\n  {sources}\n"
-            f"and unpack it so that the images are at {spec['layout']['expected']}.\n"
+            f"and unpack it into the data root so that the images are at "
+            f"{spec['layout']['expected']}.\n"
             f"Then check the copy with: python -m evaluation.data verify {name}")
 
 
@@ -245,7 +247,7 @@ def _scan_named(name: str, data_root, split_seed: int) -> _Scan:
         if all((root.parent / folder).is_dir() for folder in layout["folders"].values()):
             what += (f" {root.parent} itself looks like the {name} folder: the data root is the "
                      f"folder that holds {name}/, i.e. {root.parent.parent}.")
-        raise DatasetError(_not_found_message(name, spec, root, origin, what))
+        raise DatasetError(_not_found_message(name, spec, root, root.parent, origin, what))
     canonical = list(spec["classes"])
     raw_to_label = {raw: i for i, raw in enumerate(spec["classes"].values())}
     by_folder_labels = layout["labels"]
@@ -254,7 +256,7 @@ def _scan_named(name: str, data_root, split_seed: int) -> _Scan:
     for key, folder in layout["folders"].items():
         if not (root / folder).is_dir():
             raise DatasetError(_not_found_message(
-                name, spec, root / folder, origin,
+                name, spec, root / folder, root.parent, origin,
                 f"Dataset '{name}' is incomplete: the folder {root / folder} is missing."))
         files = spec["files"][key]
         if key == "all":
@@ -293,7 +295,7 @@ def _scan_named(name: str, data_root, split_seed: int) -> _Scan:
         problems.append(f"{len(missing)} of {len(expected)} images are missing")
     if problems:
         raise DatasetError(_not_found_message(
-            name, spec, root, origin, f"Dataset '{name}' is incomplete: {'; '.join(problems)}."))
+            name, spec, root, root.parent, origin, f"Dataset '{name}' is incomplete: {'; '.join(problems)}."))
     if missing:
         shown = ", ".join(e.rel for e in missing[:10]) + (", ..." if len(missing) > 10 else "")
         scan.notes.append(f"{name}: {len(missing)} of {len(expected)} images are missing from {root} "
