@@ -45,7 +45,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 def native_bf16(device: str) -> bool:
     """Whether `device` computes in bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX).
 
-    Elsewhere bf16 is emulated: on an AVX2-only CPU, Lite0 ran about 20x slower in bf16 than in fp32.
+    Elsewhere bf16 is emulated: on an AVX2-only CPU, Lite0 extracted 3-4 img/s in bf16 against
+    30-35 in fp32 (benchmarks/bench_extraction.py).
     """
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -65,7 +66,7 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "bf16" and not native_bf16(device):
         warnings.warn(
             f"precision='bf16' on {device}, which has no native bf16: it is emulated and much slower than "
-            f"fp32 (about 20x for Lite0 on an AVX2 CPU); precision='auto' picks fp32 here."
+            f"fp32 (about 10x for Lite0 on an AVX2 CPU); precision='auto' picks fp32 here."
         )
     return precision
 
@@ -153,10 +154,10 @@ def extract(
 ) -> Tensor:
     """Pooled features, float32 (views, N, num_features), of eval views or `views` augmented views.
 
-    precision "bf16" runs under bf16 autocast (3x faster than fp32 on CPUs with
+    precision "bf16" runs under bf16 autocast (about 3x faster than fp32 on CPUs with
     native bf16, the usual mixed precision on CUDA), "fp32" in float32, "auto" picks
     bf16 only where the device has native bf16. Both run channels_last: the same
-    numbers, and twice as fast as the default layout on the CPU.
+    numbers (1e-6 apart), and about 1.6x faster than the default layout on the CPU.
     The model is put in eval mode for the extraction and its mode restored after.
     """
     _check_images(images_uint8, "extract")
