@@ -1,0 +1,462 @@
+"""Train every loss on a small image dataset and write accuracy tables and loss-curve plots.
+
+The command line it printed reproduces a run. Finished runs are saved as they end, and
+rerunning the same command skips them, so a killed process loses at most one run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lossbank import get_loss_info, list_losses
+
+from . import backbones as bb
+from . import data
+from . import features as feats
+from .train import TrainConfig, build_classifier, feature_batches, fit, frozen_copy
+
+EXAMPLES = """\
+examples:
+  # every loss on fruits, frozen EfficientNet-Lite0 features (works offline), one seed
+  python -m evaluation.run --dataset fruits --backbone efficientnet_lite0
+  # three datasets, five seeds, two losses
+  python -m evaluation.run --dataset all --backbone efficientnet_lite0 --losses cross_entropy,am_softmax --seeds 0,1,2,3,4
+  # limited data: 10 %% and 25 %% of train (stratified)
+  python -m evaluation.run --dataset covid --backbone efficientnet_lite0 --train-fraction 0.1,0.25
+  # fine-tune the last two stages of the backbone
+  python -m evaluation.run --dataset weather --backbone efficientnet_lite0 --mode finetune --unfreeze last --epochs 8
+  # your own images: DIR/train/<class>/*, DIR/valid/<class>/*  (or DIR/<class>/* with a seeded 80/20 split)
+  python -m evaluation.run --data-dir ~/my_images --backbone efficientnet_lite0
+"""
+
+DEFAULT_EPOCHS = {"frozen": 30, "finetune": 8}
+DEFAULT_BATCH = {"frozen": 32, "finetune": 32}
+DEFAULT_FEATURE_CACHE = Path("~/.cache/lossbank/features")
+# Fine-tuning moves pretrained stages with smaller steps than the new head.
+BACKBONE_LR_SCALE = 0.1
+
+
+# ---------------------------------------------------------------- arguments
+def _csv(kind, name):
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a comma-separated list of {kind.__name__}s; got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError(f"{name} must not be empty")
+        return values
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m evaluation.run", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("data")
+    where = src.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", choices=[*data.DATASETS, "all"], help="a named dataset, or all three")
+    where.add_argument("--data-dir", type=Path, help="your own images: train/<class>/* and valid|val|test/<class>/*, or <class>/*")
+    src.add_argument("--data-root", help="folder holding weather/, fruits/, covid/ (default: $LOSSBANK_DATA, else ~/.cache/lossbank/datasets)")
+    src.add_argument("--drop-duplicates", action="store_true", help="drop byte-identical train images and valid images leaked from train")
+    src.add_argument("--train-fraction", type=_csv(float, "--train-fraction"), default=[1.0], metavar="F[,F...]",
+                     help="stratified subsample of train, e.g. 1.0,0.5,0.25,0.1 (default 1.0)")
+    model = p.add_argument_group("model")
+    model.add_argument("--backbone", default="resnet50", help=f"one of {', '.join(bb.BACKBONES)} (default resnet50)")
+    model.add_argument("--weights", default="imagenet", help="imagenet (default), none (random init) or a state_dict file")
+    model.add_argument("--mode", choices=["frozen", "finetune"], default="frozen",
+                       help="frozen: train the head on cached features (default); finetune: train backbone stages too")
+    model.add_argument("--unfreeze", choices=["last", "all"], default="last", help="finetune: which backbone stages train (default last)")
+    model.add_argument("--hidden", type=int, default=0, help="width of an MLP layer before the head (default 0: none)")
+    model.add_argument("--dropout", type=float, default=0.2, help="dropout on the features (default 0.2)")
+    train = p.add_argument_group("training")
+    train.add_argument("--losses", type=_csv(str, "--losses"), default=None, metavar="NAME[,NAME...]",
+                       help=f"default: all registered ({', '.join(list_losses())})")
+    train.add_argument("--teacher", default="cross_entropy", help="loss whose model of the same run teaches distillation (default cross_entropy)")
+    train.add_argument("--epochs", type=int, help="default 30 frozen, 8 finetune")
+    train.add_argument("--batch-size", type=int, help="default 32")
+    train.add_argument("--lr", type=float, help="AdamW learning rate for every loss (default: per loss, see evaluation/train.py)")
+    train.add_argument("--weight-decay", type=float, default=1e-4)
+    train.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a lower valid loss; 0 = off (default 10)")
+    train.add_argument("--seeds", type=_csv(int, "--seeds"), default=[0], metavar="S[,S...]", help="default 0")
+    train.add_argument("--views", type=int, default=5, help="frozen: augmented views per train image in the cache (default 5)")
+    train.add_argument("--image-size", type=int, default=224, help="network input size (default 224)")
+    train.add_argument("--decode-size", type=int, default=256, help="images are decoded once to this square size (default 256)")
+    train.add_argument("--precision", choices=list(feats.PRECISIONS), default="auto",
+                       help="auto (default): bf16 autocast where the device has native bf16 (CUDA, AVX-512-BF16/AMX CPUs), "
+                            "else fp32; channels_last either way")
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default results/)")
+    run.add_argument("--plots", type=Path, help="plots folder (default OUT/plots)")
+    run.add_argument("--cache-dir", type=Path, default=DEFAULT_FEATURE_CACHE, help="feature cache (default ~/.cache/lossbank/features)")
+    run.add_argument("--workers", type=int, default=2, help="processes decoding images (default 2)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    known = list_losses()
+    args.losses = args.losses or known
+    unknown = [n for n in args.losses if n not in known]
+    if unknown:
+        parser.error(f"--losses: unknown loss {', '.join(unknown)}; known losses: {', '.join(known)}")
+    if args.teacher not in known:
+        parser.error(f"--teacher: unknown loss {args.teacher!r}; known losses: {', '.join(known)}")
+    if args.teacher == "distillation":
+        parser.error("--teacher: distillation cannot teach itself; name another loss, e.g. cross_entropy")
+    if args.backbone not in bb.BACKBONES:
+        parser.error(f"--backbone: unknown backbone {args.backbone!r}; known: {', '.join(bb.BACKBONES)}")
+    bad = [f for f in args.train_fraction if not (0 < f <= 1)]
+    if bad:
+        parser.error(f"--train-fraction must be in (0, 1], e.g. 0.25; got {', '.join(map(str, bad))}")
+    if len(set(args.train_fraction)) != len(args.train_fraction) or len(set(args.seeds)) != len(args.seeds):
+        parser.error("--train-fraction and --seeds must not repeat a value")
+    args.epochs = DEFAULT_EPOCHS[args.mode] if args.epochs is None else args.epochs
+    args.batch_size = DEFAULT_BATCH[args.mode] if args.batch_size is None else args.batch_size
+    for name in ("epochs", "batch_size", "views", "image_size", "decode_size", "workers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.patience < 0:
+        parser.error(f"--patience must be >= 0; got {args.patience}")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a positive number; got {args.lr}")
+    if not (0 <= args.dropout < 1):
+        parser.error(f"--dropout must be in [0, 1); got {args.dropout}")
+    if args.decode_size < args.image_size:
+        parser.error(f"--decode-size ({args.decode_size}) must be at least --image-size ({args.image_size})")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
+        parser.error(f"--weights: no file at {args.weights}; give imagenet, none or the path of a state_dict file")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        parser.error(f"--data-dir: {args.data_dir} is not a folder")
+    args.precision = feats.resolve_precision(args.precision, args.device)
+    args.plots = args.plots or args.out / "plots"
+    args.device_type = torch.device(args.device).type
+    return args
+
+
+# ---------------------------------------------------------------- records
+def dataset_label(name: str, drop_duplicates: bool) -> str:
+    return f"{name}-dedup" if drop_duplicates else name
+
+
+def record_path(out: Path, key: dict) -> Path:
+    return (out / "runs" / key["dataset"] / f"{key['backbone']}-{key['mode']}" / key["loss"]
+            / f"seed{key['seed']}-frac{key['train_fraction']:g}.json")
+
+
+def write_json_atomically(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def save_model_atomically(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def run_signature(args, weights_hash: str) -> dict:
+    """The settings that must agree for a finished run to be reused."""
+    return {
+        "weights_hash": weights_hash, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "weight_decay": args.weight_decay, "patience": args.patience, "hidden": args.hidden, "dropout": args.dropout,
+        "views": args.views if args.mode == "frozen" else None, "image_size": args.image_size,
+        "decode_size": args.decode_size, "precision": args.precision,
+        "unfreeze": args.unfreeze if args.mode == "finetune" else None, "teacher": args.teacher,
+    }
+
+
+def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of a seeded, per-class subsample: round(fraction · n_c), at least one per class."""
+    if fraction >= 1:
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(10_007 + seed)
+    keep = []
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        k = max(1, round(fraction * len(idx)))
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(keep).sort().values
+
+
+# ---------------------------------------------------------------- one dataset
+class Timer:
+    def __init__(self):
+        self.sections: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.sections[name] += seconds
+
+
+def _summary_line(key: dict, result) -> str:
+    where = f"{key['dataset']} {key['backbone']} {key['mode']} {key['loss']} seed {key['seed']} frac {key['train_fraction']:g}"
+    if result["status"] != "ok":
+        return f"{where}: FAILED in epoch {result['failed_epoch']} ({result['failure']})"
+    return (f"{where}: valid top-1 {100 * result['final']['valid_top1']:.1f} % "
+            f"(best {100 * result['best_valid_top1']:.1f} % @ epoch {result['best_epoch']}), "
+            f"{len(result['history'])} epochs, {result['train_seconds']:.1f} s")
+
+
+def run_dataset(args, splits: data.DatasetSplits, label: str, backbone: bb.Backbone, timer: Timer, command: str) -> list[dict]:
+    progress = not args.no_progress
+    # Distillation needs its teacher trained first, whatever order --losses gives.
+    losses = sorted(args.losses, key=lambda n: (n == "distillation", list_losses().index(n)))
+    inputs = prepare_inputs(args, splits, label, backbone, timer, progress)
+    finished = []
+    for fraction in args.train_fraction:
+        for seed in args.seeds:
+            def key_of(loss):
+                return {"dataset": label, "backbone": backbone.name, "mode": args.mode, "loss": loss,
+                        "seed": seed, "train_fraction": fraction}
+
+            teacher_needed = "distillation" in losses and not record_path(args.out, key_of("distillation")).exists()
+            order = [args.teacher] + [n for n in losses if n != args.teacher] if teacher_needed else losses
+            teacher_model = None
+            for loss in order:
+                key = key_of(loss)
+                path = record_path(args.out, key)
+                is_teacher = teacher_needed and loss == args.teacher
+                recorded = loss in losses
+                if path.exists() and recorded:
+                    finished.append(json.loads(path.read_text()))
+                    recorded = False  # already on disk: at most the teacher's model is still wanted
+                    if not is_teacher:
+                        continue
+                if is_teacher and path.with_suffix(".pt").exists():
+                    teacher_model = load_model(args, inputs, splits, backbone, loss, seed, fraction, path)
+                    continue
+                if loss == "distillation" and teacher_model is None:
+                    record = {**key, "status": "failed", "failed_epoch": 0, "history": [],
+                              "failure": f"its teacher ({args.teacher}) failed to train", "command": command,
+                              "signature": run_signature(args, backbone.weights_hash)}
+                    write_json_atomically(record, path)
+                    finished.append(record)
+                    continue
+                t0 = time.perf_counter()
+                record, model = train_run(args, inputs, splits, backbone, key, command, progress,
+                                          teacher=teacher_model if loss == "distillation" else None)
+                timer.add(f"train:{loss}", time.perf_counter() - t0)
+                if recorded:
+                    write_json_atomically(record, path)
+                    finished.append(record)
+                    (tqdm.write if progress else print)(_summary_line(key, record))
+                if is_teacher and record["status"] == "ok":
+                    teacher_model = frozen_copy(model)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    save_model_atomically(model, path.with_suffix(".pt"))
+    return finished
+
+
+def prepare_inputs(args, splits, label, backbone, timer, progress) -> dict:
+    """Frozen: cached features of train (augmented views) and valid. Finetune: decoded images in memory."""
+    t0 = time.perf_counter()
+    if args.mode == "frozen":
+        common = dict(image_size=args.image_size, decode_size=args.decode_size, precision=args.precision,
+                      device=args.device, cache_dir=args.cache_dir, progress=progress)
+        train = feats.cached_features(backbone, splits, "train", views=args.views, augment=True, seed=0, **common)
+        valid = feats.cached_features(backbone, splits, "valid", views=1, augment=False, **common)
+        inputs = {"train_x": train.features, "train_y": train.labels, "valid_x": valid.features[0], "valid_y": valid.labels,
+                  "bad_files": train.bad_files + valid.bad_files, "cache_hit": train.cache_hit and valid.cache_hit,
+                  "seconds": {k: train.seconds.get(k, 0) + valid.seconds.get(k, 0) for k in train.seconds}}
+    else:
+        train_images, train_ok, train_bad = data.load_images(splits.train, args.decode_size, workers=args.workers, progress=progress)
+        valid_images, valid_ok, valid_bad = data.load_images(splits.valid, args.decode_size, workers=args.workers, progress=progress)
+        inputs = {"train_x": train_images, "train_y": torch.tensor([splits.train[i].label for i in train_ok]),
+                  "valid_x": valid_images, "valid_y": torch.tensor([splits.valid[i].label for i in valid_ok]),
+                  "bad_files": [str(p) for p in train_bad + valid_bad], "cache_hit": False, "seconds": {}}
+    timer.add(f"load+extract:{label}", time.perf_counter() - t0)
+    if inputs["bad_files"]:
+        splits.notes.append(f"{len(inputs['bad_files'])} undecodable files skipped: {', '.join(inputs['bad_files'])}")
+    return inputs
+
+
+def _make_model(args, inputs, splits, backbone, loss, seed, fraction):
+    """The untrained model for one run, its trainable parameter groups, batches and train mode."""
+    subset = stratified_subset(inputs["train_y"], fraction, seed)
+    train_y = inputs["train_y"][subset]
+    counts = torch.bincount(train_y, minlength=len(splits.classes)).tolist()
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                         patience=args.patience, hidden=args.hidden, dropout=args.dropout)
+    torch.manual_seed(seed)
+    if args.mode == "frozen":
+        train_x = inputs["train_x"][:, subset]
+        flat = train_x.reshape(-1, train_x.shape[-1])
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        model = build_classifier(loss, backbone.num_features, len(splits.classes), counts, config, mean=mean, std=std)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        train_batches = feature_batches(train_x, train_y, args.batch_size, seed)
+        valid_x, valid_y = inputs["valid_x"], inputs["valid_y"]
+
+        def valid_batches():
+            return ((valid_x[i:i + 256], valid_y[i:i + 256]) for i in range(0, len(valid_y), 256))
+        train_mode = model.train
+    else:
+        net = copy.deepcopy(backbone)
+        backbone_params = net.unfreeze(args.unfreeze)
+        net.model.to(memory_format=torch.channels_last)
+        model = build_classifier(loss, net.num_features, len(splits.classes), counts, config, backbone=net.model)
+        head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+        groups = [{"params": head_params}, {"params": backbone_params, "lr_scale": BACKBONE_LR_SCALE}]
+        train_batches = image_batches(args, net, inputs["train_x"][subset], train_y, seed, augment=True)
+        valid_batches = lambda: image_batches(args, net, inputs["valid_x"], inputs["valid_y"], seed, augment=False)(0)  # noqa: E731
+
+        def train_mode():
+            model.train()
+            net.train_mode()
+    return model.to(args.device), groups, train_batches, valid_batches, train_mode, config, counts, len(subset)
+
+
+def image_batches(args, net, images, labels, seed, augment):
+
+    def epoch_batches(epoch):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(labels), generator=g) if augment else torch.arange(len(labels))
+        for start in range(0, len(order), args.batch_size):
+            idx = order[start:start + args.batch_size]
+            if augment and len(idx) < 2:
+                continue
+            batch = images[idx].to(args.device)
+            batch = feats.train_view(batch, args.image_size, g) if augment else feats.eval_view(batch, args.image_size)
+            yield feats.normalise(batch, net).contiguous(memory_format=torch.channels_last), labels[idx]
+
+    return epoch_batches
+
+
+def load_model(args, inputs, splits, backbone, loss, seed, fraction, path):
+    model = _make_model(args, inputs, splits, backbone, loss, seed, fraction)[0]
+    model.load_state_dict(torch.load(path.with_suffix(".pt"), map_location=args.device, weights_only=True))
+    return frozen_copy(model)
+
+
+def train_run(args, inputs, splits, backbone, key, command, progress, teacher=None):
+    model, groups, train_batches, valid_batches, train_mode, config, counts, n_train = _make_model(
+        args, inputs, splits, backbone, key["loss"], key["seed"], key["train_fraction"])
+    lr = config.lr_for(key["loss"])
+    for g in groups:
+        g["lr"] = lr * g.pop("lr_scale", 1.0)
+    bar = tqdm(total=config.epochs, desc=f"{key['dataset']} {key['loss']} seed {key['seed']}", unit="epoch",
+               disable=not progress, leave=False)
+
+    def on_epoch(row):
+        bar.update(1)
+        bar.set_postfix(train_loss=f"{row['train_loss']:.3g}", valid_top1=f"{100 * row['valid_top1']:.1f}")
+
+    try:
+        result = fit(model, groups, train_batches, valid_batches, len(splits.classes), config, lr, device=args.device,
+                     teacher=teacher, amp=args.precision == "bf16" and args.mode == "finetune",
+                     train_mode=train_mode, progress=on_epoch)
+    finally:
+        bar.close()
+    record = {
+        **key, "weights_hash": backbone.weights_hash, "status": result.status, "failed_epoch": result.failed_epoch,
+        "failure": result.failure, "classes": splits.classes, "num_train": n_train, "num_valid": len(inputs["valid_y"]),
+        "train_class_counts": counts, "history": result.history, "best_epoch": result.best_epoch,
+        "best_valid_top1": result.best_valid_top1, "final": result.final, "train_seconds": result.train_seconds,
+        "config": {**config.as_dict(key["loss"]), **run_signature(args, backbone.weights_hash), "lr": lr,
+                   "device": args.device, "teacher": args.teacher if key["loss"] == "distillation" else None},
+        "signature": run_signature(args, backbone.weights_hash), "notes": splits.notes, "command": command,
+    }
+    return record, result.model
+
+
+# ---------------------------------------------------------------- the whole command
+def check_finished_runs_agree(args, labels: list[str], weights_hash: str) -> None:
+    """Refuse to mix finished runs made with other settings into this command's results."""
+    want = run_signature(args, weights_hash)
+    for label in labels:
+        folder = args.out / "runs" / label / f"{args.backbone}-{args.mode}"
+        for path in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
+            try:
+                have = json.loads(path.read_text()).get("signature", {})
+            except (OSError, json.JSONDecodeError) as exc:
+                raise SystemExit(f"error: cannot read finished run {path} ({exc}); delete it to have it rerun")
+            diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+            if diff:
+                details = ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+                raise SystemExit(
+                    f"error: {args.out} already holds runs made with other settings ({path}: {details}).\n"
+                    f"Use another --out for these settings, or the same settings to resume.")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    command = "python -m evaluation.run " + " ".join(shlex.quote(a) for a in argv)
+    start = time.perf_counter()
+    timer = Timer()
+    try:
+        bb.check_backbone_available(args.backbone, args.weights)
+    except bb.BackboneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    names = list(data.DATASETS) if args.dataset == "all" else [args.dataset] if args.dataset else [None]
+    try:
+        datasets = []
+        for name in names:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                splits = data.load_dataset(name, data_root=args.data_root, data_dir=args.data_dir,
+                                           drop_duplicates=args.drop_duplicates)
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
+            datasets.append((splits, dataset_label(splits.name, args.drop_duplicates)))
+    except data.DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    backbone = bb.create_backbone(args.backbone, args.weights)
+    timer.add("backbone", time.perf_counter() - t0)
+    check_finished_runs_agree(args, [label for _, label in datasets], backbone.weights_hash)
+    print(f"# {command}")
+    print(f"# backbone {backbone.name} (weights {args.weights}, hash {backbone.weights_hash}), mode {args.mode}, "
+          f"device {args.device}, {len(args.losses)} losses x seeds {args.seeds} x fractions {args.train_fraction}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    grid = [{"dataset": label, "backbone": backbone.name, "mode": args.mode, "loss": loss, "seed": seed,
+             "train_fraction": fraction}
+            for _, label in datasets for fraction in args.train_fraction for seed in args.seeds for loss in args.losses]
+    write_json_atomically(grid, args.out / "grid.json")
+    for splits, label in datasets:
+        run_dataset(args, splits, label, backbone, timer, command)
+    from . import report  # pandas and matplotlib load only once there is something to report
+
+    t0 = time.perf_counter()
+    timing = {"sections": dict(timer.sections), "total": None}
+    result = report.write_report(args.out, args.plots, timing=timing, grid=grid)
+    timer.add("report", time.perf_counter() - t0)
+    timing = {"sections": dict(timer.sections), "total": time.perf_counter() - start}
+    write_json_atomically(timing, args.out / "timing.json")
+    for _, label in datasets:
+        print()
+        print(report.format_table(result["summary"], label))
+    print("\ntiming (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timing["sections"].items()) + f", total {timing['total']:.1f}")
+    print(f"tables in {args.out}, plots in {args.plots}")
+    failed = [r for r in result.get("missing", [])]
+    if failed:
+        print(f"{len(failed)} requested runs are not finished", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

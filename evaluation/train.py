@@ -1,0 +1,256 @@
+"""Training and evaluation of one (loss, seed) run: ``train_one_epoch``, ``evaluate``, ``fit``.
+
+The same functions serve both modes. In frozen mode the inputs are cached backbone
+features and the model is (optional MLP →) MarginAwareHead; in finetune mode the inputs
+are image batches and the model also holds the backbone, of which only the unfrozen
+stages train. Every model is called as ``model(inputs, target, teacher_logits)`` and
+returns lossbank's ``HeadOutput(logits, loss)``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lossbank import HeadOutput, MarginAwareHead, get_loss_info
+
+# Learning rates (AdamW) per loss where the shared default does not suit it. The cosine
+# loss saturates on small logits and wants larger steps; the bounded probability losses
+# (L1, L2) have small gradients far from the target. Tuned on fruits with Lite0 features,
+# seed 0 (see RESULTS.md for the command).
+DEFAULT_LR = 1e-3
+LOSS_LR = {"cosine": 1e-2, "l1": 3e-3, "l2": 3e-3}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float | None = None  # None: the per-loss default above
+    weight_decay: float = 1e-4
+    patience: int = 10  # epochs without a better valid loss before stopping; 0 = never stop early
+    hidden: int = 0  # width of an MLP layer before the head; 0 = the head sits on the features
+    dropout: float = 0.2
+    loss_kwargs: dict = field(default_factory=dict)
+
+    def lr_for(self, loss: str) -> float:
+        return self.lr if self.lr is not None else LOSS_LR.get(loss, DEFAULT_LR)
+
+    def as_dict(self, loss: str) -> dict:
+        d = asdict(self)
+        d["lr"] = self.lr_for(loss)
+        return d
+
+
+class Classifier(nn.Module):
+    """[backbone →] [standardise →] [dropout → MLP →] MarginAwareHead.
+
+    ``standardise`` centres frozen features with the training mean and std: pooled CNN
+    features are all non-negative, which crowds them into one orthant and hurts the
+    angle-based margin losses.
+    """
+
+    def __init__(self, head: MarginAwareHead, *, backbone: nn.Module | None = None, in_features: int,
+                 hidden: int = 0, dropout: float = 0.0, mean: Tensor | None = None, std: Tensor | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", mean if mean is not None else torch.zeros(in_features))
+        self.register_buffer("std", std if std is not None else torch.ones(in_features))
+        layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
+        if hidden:
+            layers += [nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+        self.neck = nn.Sequential(*layers)
+        self.head = head
+
+    def features(self, inputs: Tensor) -> Tensor:
+        x = self.backbone(inputs) if self.backbone is not None else inputs
+        return self.neck((x.float() - self.mean) / self.std)
+
+    def forward(self, inputs: Tensor, target: Tensor | None = None, teacher_logits: Tensor | None = None) -> HeadOutput:
+        return self.head(self.features(inputs), target, teacher_logits)
+
+
+def build_classifier(loss: str, in_features: int, num_classes: int, class_counts: list[int], config: TrainConfig,
+                     *, backbone: nn.Module | None = None, mean: Tensor | None = None, std: Tensor | None = None) -> Classifier:
+    kwargs = dict(config.loss_kwargs)
+    if get_loss_info(loss).needs_class_counts:
+        kwargs.setdefault("class_counts", class_counts)
+    width = config.hidden or in_features
+    head = MarginAwareHead(width, num_classes, loss, **kwargs)
+    return Classifier(head, backbone=backbone, in_features=in_features, hidden=config.hidden,
+                      dropout=config.dropout, mean=mean, std=std)
+
+
+# ---------------------------------------------------------------- metrics
+def topk_accuracy(logits: Tensor, target: Tensor, k: int) -> float:
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == target[:, None]).any(dim=1).float().mean().item()
+
+
+def macro_f1(pred: Tensor, target: Tensor, num_classes: int) -> float:
+    """Mean over classes of F1; a class absent from both predictions and targets is left out."""
+    scores = []
+    for c in range(num_classes):
+        tp = ((pred == c) & (target == c)).sum().item()
+        fp = ((pred == c) & (target != c)).sum().item()
+        fn = ((pred != c) & (target == c)).sum().item()
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+# ---------------------------------------------------------------- batches
+Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (inputs, target) batches
+
+
+def feature_batches(features: Tensor, labels: Tensor, batch_size: int, seed: int) -> Batches:
+    """Each epoch: every image once, in a seeded order, as one of its cached augmented views."""
+    views, n = features.shape[0], features.shape[1]
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)
+        view = torch.randint(0, views, (n,), generator=g)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            if len(idx) < 2 and n >= 2:  # a batch of one breaks BatchNorm in the MLP: skip it (other epochs see it)
+                continue
+            yield features[view[idx], idx], labels[idx]
+
+    return epoch_batches
+
+
+# ---------------------------------------------------------------- one epoch
+def _autocast(device: str, enabled: bool):
+    return torch.autocast(device_type=device, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], optimiser: torch.optim.Optimizer,
+                    *, device: str = "cpu", teacher: nn.Module | None = None, amp: bool = False,
+                    train_mode: Callable[[], None] | None = None) -> dict:
+    """One pass over the training batches. Returns mean train loss and top-1 (sample-weighted).
+
+    Stops at the first non-finite loss and reports it as ``{"nonfinite": True}`` so the
+    caller can record the failure; the weights are not updated with that batch.
+    """
+    (train_mode or model.train)()
+    total_loss, correct, seen = 0.0, 0, 0
+    for inputs, target in batches:
+        inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad(), _autocast(device, amp):
+                teacher_logits = teacher(inputs).logits.float()
+        with _autocast(device, amp):
+            out = model(inputs, target, teacher_logits)
+        if not torch.isfinite(out.loss):
+            return {"train_loss": float(out.loss), "train_top1": correct / max(seen, 1), "nonfinite": True}
+        optimiser.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimiser.step()
+        n = target.shape[0]
+        total_loss += out.loss.item() * n
+        correct += (out.logits.argmax(1) == target).sum().item()
+        seen += n
+    return {"train_loss": total_loss / max(seen, 1), "train_top1": correct / max(seen, 1), "nonfinite": False}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, *, device: str = "cpu",
+             teacher: nn.Module | None = None, amp: bool = False) -> dict:
+    """Valid loss (the training loss on valid data), top-1, top-3 and macro-F1."""
+    model.eval()
+    logits_all, targets, total_loss, seen = [], [], 0.0, 0
+    for inputs, target in batches:
+        inputs, target = inputs.to(device), target.to(device)
+        with _autocast(device, amp):
+            teacher_logits = teacher(inputs).logits.float() if teacher is not None else None
+            out = model(inputs, target, teacher_logits)
+        total_loss += out.loss.item() * target.shape[0]
+        seen += target.shape[0]
+        logits_all.append(out.logits.float().cpu())
+        targets.append(target.cpu())
+    logits, target = torch.cat(logits_all), torch.cat(targets)
+    return {
+        "valid_loss": total_loss / max(seen, 1),
+        "valid_top1": topk_accuracy(logits, target, 1),
+        "valid_top3": topk_accuracy(logits, target, 3),
+        "valid_macro_f1": macro_f1(logits.argmax(1), target, num_classes),
+    }
+
+
+# ---------------------------------------------------------------- a whole run
+@dataclass
+class FitResult:
+    history: list[dict]
+    status: str  # "ok" | "failed"
+    failed_epoch: int | None
+    failure: str | None
+    best_epoch: int
+    best_valid_top1: float
+    final: dict
+    train_seconds: float
+    model: nn.Module
+
+
+def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches, valid_batches: Callable[[], Iterable],
+        num_classes: int, config: TrainConfig, lr: float, *, device: str = "cpu", teacher: nn.Module | None = None,
+        amp: bool = False, train_mode: Callable[[], None] | None = None,
+        progress: Callable[[dict], None] | None = None) -> FitResult:
+    """Train for ``config.epochs`` with AdamW and a cosine schedule; early stopping on valid loss.
+
+    ``final`` is the state at the last epoch trained (not the best one: choosing the best
+    epoch on the valid set would flatter the valid accuracy); ``best_*`` are reported beside it.
+    """
+    optimiser = torch.optim.AdamW(list(params), lr=lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs)
+    history: list[dict] = []
+    best_loss, best_epoch, best_top1, waited = math.inf, 0, 0.0, 0
+    status, failed_epoch, failure = "ok", None, None
+    start = time.perf_counter()
+    criterion = model.head.criterion if hasattr(model, "head") else None
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        train = train_one_epoch(model, train_batches(epoch), optimiser, device=device, teacher=teacher, amp=amp,
+                                train_mode=train_mode)
+        if train.pop("nonfinite"):
+            status, failed_epoch = "failed", epoch
+            failure = f"training loss became {train['train_loss']} in epoch {epoch}"
+            break
+        valid = evaluate(model, valid_batches(), num_classes, device=device, teacher=teacher, amp=amp)
+        schedule.step()
+        row = {"epoch": epoch, **train, **valid,
+               "lambda": getattr(criterion, "current_lambda", None),
+               "seconds": time.perf_counter() - t0}
+        history.append(row)
+        if progress:
+            progress(row)
+        if not math.isfinite(valid["valid_loss"]):
+            status, failed_epoch, failure = "failed", epoch, f"valid loss became {valid['valid_loss']} in epoch {epoch}"
+            break
+        if valid["valid_top1"] > best_top1 or best_epoch == 0:
+            best_top1, best_epoch = valid["valid_top1"], epoch
+        if valid["valid_loss"] < best_loss - 1e-6:
+            best_loss, waited = valid["valid_loss"], 0
+        else:
+            waited += 1
+            if config.patience and waited >= config.patience:
+                break
+    last = history[-1] if history else {}
+    final = {k: last.get(k) for k in ("valid_top1", "valid_top3", "valid_macro_f1", "valid_loss")}
+    return FitResult(history, status, failed_epoch, failure, best_epoch, best_top1, final,
+                     time.perf_counter() - start, model)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode, gradient-free copy: how a finished model serves as a distillation teacher."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

@@ -1,0 +1,193 @@
+"""End-to-end tests of ``python -m evaluation.run`` on the real fruits data (few epochs).
+
+One feature cache is shared by the module, so EfficientNet-Lite0 runs over fruits once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from evaluation import backbones, run
+from lossbank import register_loss
+from lossbank.registry import _REGISTRY
+
+DATA_ROOT = Path(os.environ.get("LOSSBANK_DATA") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+
+FAST = ["--backbone", "efficientnet_lite0", "--epochs", "3", "--views", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+@pytest.fixture(autouse=True)
+def data_root(monkeypatch):
+    monkeypatch.setenv("LOSSBANK_DATA", str(DATA_ROOT))
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {p.parent.name + "/" + p.stem: json.loads(p.read_text()) for p in sorted((out / "runs").rglob("*.json"))}
+
+
+def test_end_to_end_on_fruits_then_resume(tmp_path, cache_dir, capsys):
+    out = tmp_path / "results"
+    argv = ["--dataset", "fruits", *FAST, "--losses", "am_softmax,distillation,l1", "--out", str(out),
+            "--cache-dir", str(cache_dir)]
+    assert run.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# python -m evaluation.run --dataset fruits")
+    assert "fruits efficientnet_lite0 frozen am_softmax seed 0 frac 1: valid top-1" in printed
+    assert "| am_softmax" in printed or "am_softmax" in printed.split("timing")[0]
+    got = records(out)
+    assert set(got) == {"am_softmax/seed0-frac1", "distillation/seed0-frac1", "l1/seed0-frac1"}
+    for rec in got.values():
+        assert rec["status"] == "ok"
+        assert rec["dataset"] == "fruits" and rec["backbone"] == "efficientnet_lite0" and rec["weights_hash"]
+        assert rec["num_train"] == 240 and rec["num_valid"] == 60
+        assert len(rec["history"]) == 3
+        assert set(rec["history"][0]) >= {"train_loss", "valid_loss", "train_top1", "valid_top1", "valid_top3",
+                                          "valid_macro_f1", "lambda"}
+        # Frozen ImageNet features separate fruits well after even 3 epochs.
+        assert rec["final"]["valid_top1"] > 0.7
+    # The teacher (cross-entropy) was trained for distillation but not reported as a run of its own.
+    assert (out / "runs/fruits/efficientnet_lite0-frozen/cross_entropy/seed0-frac1.pt").exists()
+    assert not (out / "runs/fruits/efficientnet_lite0-frozen/cross_entropy/seed0-frac1.json").exists()
+    for name in ("fruits/accuracy.csv", "fruits/accuracy.md", "summary.csv", "timing.json", "grid.json"):
+        assert (out / name).is_file(), name
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert {"fruits_loss_curves.png", "fruits_accuracy_curves.png", "fruits_final_accuracy.png"} <= set(pngs)
+    timing = json.loads((out / "timing.json").read_text())["sections"]
+    assert any(k.startswith("train:") for k in timing)
+
+    # Rerunning the same command trains nothing and keeps every finished run as it was.
+    before = {k: v["history"] for k, v in got.items()}
+    assert run.main(argv) == 0
+    timing = json.loads((out / "timing.json").read_text())["sections"]
+    assert not any(k.startswith("train:") for k in timing), timing
+    assert {k: v["history"] for k, v in records(out).items()} == before
+
+    # Other settings in the same folder are refused rather than mixed in.
+    with pytest.raises(SystemExit, match="other settings.*epochs 3 there vs 4 now"):
+        run.main([*argv, "--epochs", "4"])
+
+
+def test_same_seed_same_history_on_cpu(tmp_path, cache_dir):
+    histories = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert run.main(["--dataset", "fruits", *FAST, "--losses", "arcface", "--seeds", "3", "--out", str(out),
+                         "--cache-dir", str(cache_dir)]) == 0
+        histories.append([{k: v for k, v in row.items() if k != "seconds"} for row in records(out)["arcface/seed3-frac1"]["history"]])
+    assert histories[0] == histories[1]
+
+
+def test_train_fraction_is_stratified_and_seeded(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    assert run.main(["--dataset", "fruits", *FAST, "--losses", "cross_entropy", "--train-fraction", "0.25",
+                     "--seeds", "0,1", "--out", str(out), "--cache-dir", str(cache_dir)]) == 0
+    recs = records(out)
+    counts = recs["cross_entropy/seed0-frac0.25"]["train_class_counts"]
+    assert counts == [round(0.25 * n) for n in (75, 73, 20, 72)]
+    labels = torch.arange(4).repeat_interleave(torch.tensor([75, 73, 20, 72]))
+    assert run.stratified_subset(labels, 0.25, 0).tolist() != run.stratified_subset(labels, 0.25, 1).tolist()
+    assert run.stratified_subset(labels, 0.25, 0).tolist() == run.stratified_subset(labels, 0.25, 0).tolist()
+
+
+@pytest.fixture
+def nan_loss():
+    """A registered loss that turns NaN in its second epoch (fruits: 8 batches an epoch)."""
+
+    @register_loss("test_nan", paper="Nobody, 'Test', 2026", input="logits", defaults_source="none")
+    class TurnsNaN(nn.Module):
+        def __init__(self, reduction: str = "mean"):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, logits, target):
+            self.calls += self.training
+            value = nn.functional.cross_entropy(logits, target)
+            return value * float("nan") if self.calls > 10 else value
+
+    yield "test_nan"
+    del _REGISTRY["test_nan"]
+
+
+def test_nan_loss_is_recorded_as_failed_and_the_run_goes_on(tmp_path, cache_dir, nan_loss, capsys):
+    out = tmp_path / "out"
+    assert run.main(["--dataset", "fruits", *FAST, "--losses", f"{nan_loss},hinge", "--out", str(out),
+                     "--cache-dir", str(cache_dir)]) == 0
+    recs = records(out)
+    failed = recs[f"{nan_loss}/seed0-frac1"]
+    assert failed["status"] == "failed" and failed["failed_epoch"] == 2
+    assert "nan" in failed["failure"] and len(failed["history"]) == 1
+    assert recs["hinge/seed0-frac1"]["status"] == "ok"
+    assert "FAILED in epoch 2" in capsys.readouterr().out
+
+
+def test_users_own_folder(tmp_path, cache_dir):
+    from PIL import Image
+
+    root = tmp_path / "mine"
+    g = torch.Generator().manual_seed(0)
+    for c, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        for i in range(10):
+            folder = root / ("train" if i < 7 else "val") / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            noise = torch.randint(0, 40, (48, 64, 3), generator=g, dtype=torch.uint8)
+            pixels = (torch.tensor(colour, dtype=torch.uint8) + noise).clamp(max=255).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    assert run.main(["--data-dir", str(root), *FAST, "--losses", "cross_entropy", "--out", str(out),
+                     "--cache-dir", str(cache_dir)]) == 0
+    rec = records(out)["cross_entropy/seed0-frac1"]
+    assert rec["dataset"] == "mine" and rec["num_train"] == 21 and rec["num_valid"] == 9
+    assert rec["classes"] == ["class0", "class1", "class2"]
+    assert (out / "mine" / "accuracy.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "fruits", "--losses", "focal"], "unknown loss focal; known losses: l1, l2"),
+        (["--dataset", "fruits", "--backbone", "vgg16"], "unknown backbone 'vgg16'"),
+        (["--dataset", "fruits", "--train-fraction", "1.5"], r"--train-fraction must be in \(0, 1\]"),
+        (["--dataset", "fruits", "--train-fraction", "0"], r"--train-fraction must be in \(0, 1\]"),
+        (["--dataset", "fruits", "--seeds", "a"], "--seeds must be a comma-separated list of ints"),
+        (["--dataset", "fruits", "--epochs", "0"], "--epochs must be at least 1"),
+        (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+        (["--dataset", "fruits", "--weights", "/nonexistent.pth"], "--weights: no file at /nonexistent.pth"),
+        ([], "one of the arguments --dataset --data-dir is required"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(run.data, "load_dataset", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_offline_torchvision_backbone_fails_at_once_with_advice(tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(run.data, "load_dataset", lambda *a, **k: pytest.fail("work started"))
+    assert run.main(["--dataset", "fruits", "--backbone", "resnet50", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "resnet50" in err and "--weights" in err and "efficientnet_lite0" in err
+    assert str(backbones.torchvision_cache_file("resnet50").name) in err
+
+
+def test_cli_help_shows_examples():
+    out = subprocess.run([sys.executable, "-m", "evaluation.run", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "examples:" in out and "--train-fraction" in out and "--drop-duplicates" in out
