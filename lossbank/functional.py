@@ -84,7 +84,7 @@ def check_target(target: Tensor, batch: int, num_classes: int, name: str = "targ
     if target.dim() != 1 or target.shape[0] != batch:
         raise ValueError(f"{name} must have shape ({batch},) to match the batch; got shape {tuple(target.shape)}")
     if batch:
-        lo, hi = int(target.min()), int(target.max())
+        lo, hi = (int(v) for v in torch.aminmax(target))
         if lo < 0 or hi >= num_classes:
             raise ValueError(
                 f"{name} values must be in [0, {num_classes - 1}] for num_classes={num_classes}; got min {lo}, max {hi}"
@@ -144,6 +144,38 @@ class _autocast_off:
     def __exit__(self, *exc):
         for c in reversed(self._contexts):
             c.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- shared by the margin losses
+class _ProductAndNorms(torch.autograd.Function):
+    """(x Wᵀ, ‖x‖ per row, ‖W‖ per row) with one fused backward.
+
+    Autograd through ``Tensor.norm`` walks the (batch, D) features several times; here each
+    input gets one extra scaled add on top of the matrix products a linear layer needs anyway,
+    which keeps the margin losses close to the cost of a plain linear layer + cross-entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, weight: Tensor):
+        x_norm, w_norm = features.norm(dim=1), weight.norm(dim=1)
+        ctx.save_for_backward(features, weight, x_norm, w_norm)
+        return features @ weight.t(), x_norm, w_norm
+
+    @staticmethod
+    def backward(ctx, grad_product, grad_x_norm, grad_w_norm):
+        features, weight, x_norm, w_norm = ctx.saved_tensors
+        grad_features = grad_weight = None
+        # d‖v‖/dv = v / ‖v‖; a zero row has no direction, and its gradient through the norm is 0.
+        if ctx.needs_input_grad[0]:
+            grad_features = (grad_product @ weight).addcmul_(features, (grad_x_norm / x_norm.clamp_min(_EPS))[:, None])
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_product.t() @ features).addcmul_(weight, (grad_w_norm / w_norm.clamp_min(_EPS))[:, None])
+        return grad_features, grad_weight
+
+
+def product_and_norms(features: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x Wᵀ (batch, C), ‖x‖ (batch,) and ‖W_j‖ (C,), differentiable in both inputs."""
+    return _ProductAndNorms.apply(features, weight)
 
 
 # ---------------------------------------------------------------- losses on probabilities
@@ -320,15 +352,13 @@ def l_softmax_loss(
     _check_margin_int(margin)
     _check_positive(lambda_, "lambda_", allow_zero=True)
     target = _check_features_weight_target(features, weight, target)
-    logits = features @ weight.t()
-    return l_softmax_from_logits(logits, features, weight, target, margin, lambda_, reduction)
+    return l_softmax_from_product(*product_and_norms(features, weight), target, margin, lambda_, reduction)
 
 
-def l_softmax_from_logits(
-    logits: Tensor, features: Tensor, weight: Tensor, target: Tensor, margin: int, lambda_: float, reduction: str
+def l_softmax_from_product(
+    logits: Tensor, x_norm: Tensor, w_norm: Tensor, target: Tensor, margin: int, lambda_: float, reduction: str
 ) -> Tensor:
-    """L-Softmax given the already computed W x (validated inputs), so a head multiplies once."""
-    x_norm, w_norm = features.norm(dim=1), weight.norm(dim=1)
+    """L-Softmax given W x and the norms (validated inputs), so a head multiplies once."""
     norm_product = x_norm * w_norm[target]
     dot = logits.gather(1, target[:, None]).squeeze(1)
     cos = dot / norm_product.clamp_min(_EPS)
@@ -342,7 +372,11 @@ def l_softmax_from_logits(
 @full_precision
 def cosine_logits(features: Tensor, weight: Tensor, scale: float = 1.0) -> Tensor:
     """s · cos θ_j between each feature and each class weight: margin-free logits of AM-Softmax / ArcFace."""
-    return scale * (F.normalize(features, dim=1, eps=_EPS) @ F.normalize(weight, dim=1, eps=_EPS).t())
+    # Dividing the (batch, C) product by the norms costs far less, forward and backward,
+    # than normalising the (batch, D) features and the (C, D) weights first.
+    product, x_norm, w_norm = product_and_norms(features, weight)
+    cos = product / x_norm.clamp_min(_EPS)[:, None] / w_norm.clamp_min(_EPS)
+    return cos * scale if scale != 1.0 else cos
 
 
 @full_precision
@@ -364,8 +398,8 @@ def am_softmax_loss(
 
 def am_softmax_from_cos(cos: Tensor, target: Tensor, scale: float, margin: float, reduction: str) -> Tensor:
     """AM-Softmax given the cosine matrix (validated inputs), so a head multiplies once."""
-    cos = cos - margin * F.one_hot(target, cos.shape[1]).to(cos.dtype)
-    return F.cross_entropy(scale * cos, target, reduction=reduction)
+    shift = torch.full((cos.shape[0], 1), -margin * scale, dtype=cos.dtype, device=cos.device)
+    return F.cross_entropy((scale * cos).scatter_add(1, target[:, None], shift), target, reduction=reduction)
 
 
 @full_precision
@@ -392,15 +426,15 @@ def arcface_loss(
 
 def arcface_from_cos(cos: Tensor, target: Tensor, scale: float, margin: float, reduction: str) -> Tensor:
     """ArcFace given the cosine matrix (validated inputs), so a head multiplies once."""
-    cos = cos.clamp(-1.0, 1.0)
-    cos_y = cos.gather(1, target[:, None]).squeeze(1)
+    # Only the target column needs cos θ within [−1, 1]: it goes through sin θ.
+    cos_y = cos.gather(1, target[:, None]).squeeze(1).clamp(-1.0, 1.0)
     # The floor keeps d sinθ/d cosθ finite when cos θ = ±1 exactly.
     sin_y = (1.0 - cos_y * cos_y).clamp_min(_EPS).sqrt()
     cos_y_plus_m = cos_y * math.cos(margin) - sin_y * math.sin(margin)
     fallback = cos_y - margin * math.sin(margin)
     target_cos = torch.where(cos_y > math.cos(math.pi - margin), cos_y_plus_m, fallback)
-    logits = cos.scatter(1, target[:, None], target_cos[:, None])
-    return F.cross_entropy(scale * logits, target, reduction=reduction)
+    logits = (scale * cos).scatter(1, target[:, None], scale * target_cos[:, None])
+    return F.cross_entropy(logits, target, reduction=reduction)
 
 
 # ---------------------------------------------------------------- cosine loss
