@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import socket
@@ -50,6 +51,12 @@ LAST_STAGES = {
     "mobilenet_v2": tuple(f"features.{i}" for i in range(14, 19)),
     "efficientnet_b0": ("features.6", "features.7", "features.8"),
 }
+
+# Pooled feature width of each backbone; LazyBackbone needs it before the network exists.
+NUM_FEATURES = {"resnet50": 2048, "efficientnet_lite0": 1280, "mobilenet_v2": 1280, "efficientnet_b0": 1280}
+
+# Weights hashes remembered per weights file, so a rerun need not build the network to name it.
+HASH_MEMO = Path("~/.cache/lossbank/weights_hashes.json")
 
 # Key prefix of each full model's ImageNet classifier, which the backbone drops.
 HEAD_PREFIX = {
@@ -372,3 +379,71 @@ def create_backbone(name: str, weights: str = "imagenet") -> Backbone:
     backbone.unfreeze("none")
     model.eval()
     return backbone
+
+
+# ---------------------------------------------------------------- lazily built
+
+class LazyBackbone:
+    """A Backbone whose network is built on first use of anything but its identity.
+
+    ``name``, ``weights``, ``weights_hash`` and ``num_features`` are known at once; any
+    other attribute (``model``, ``mean``, ``unfreeze``...) builds the real
+    :class:`Backbone`. A run whose features are all in the cache therefore never imports
+    timm nor builds the network (about 3 s here). The hash is the real Backbone's
+    (``state_dict_hash``), remembered in ``memo`` per weights file (path, size, mtime).
+    """
+
+    def __init__(self, name: str, weights: str = "imagenet", memo: Path | None = HASH_MEMO):
+        _check_name(name)
+        _check_weights_argument(name, weights)
+        self.name, self.weights, self.num_features = name, weights, NUM_FEATURES[name]
+        self._backbone: Backbone | None = None
+        self._memo = Path(memo).expanduser() if memo is not None else None
+        self._memo_key = self._key()
+        remembered = self._read_memo().get(self._memo_key)
+        self.weights_hash = remembered or self.build().weights_hash
+        if not remembered:
+            self._write_memo()
+
+    def _key(self) -> str:
+        if self.weights == "none":
+            return f"{self.name}|none|torch {torch.__version__}"
+        if self.weights == "imagenet":
+            path = lite0_package_file() if self.name == OFFLINE_BACKBONE else _ensure_torchvision_file(self.name)
+        else:
+            path = Path(self.weights)
+        st = path.resolve().stat()
+        return f"{self.name}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def _read_memo(self) -> dict:
+        try:
+            return json.loads(self._memo.read_text()) if self._memo is not None else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_memo(self) -> None:
+        if self._memo is None:
+            return
+        memo = {**self._read_memo(), self._memo_key: self.weights_hash}
+        self._memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._memo.with_name(f".{self._memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo, indent=1))
+        os.replace(tmp, self._memo)
+
+    def build(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = create_backbone(self.name, self.weights)
+            if self._backbone.num_features != self.num_features:
+                raise AssertionError(f"{self.name}: NUM_FEATURES says {self.num_features}, "
+                                     f"the network gives {self._backbone.num_features}")
+        return self._backbone
+
+    @property
+    def built(self) -> bool:
+        return self._backbone is not None
+
+    def __getattr__(self, attr):
+        # Only reached for attributes not set in __init__: those need the network.
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.build(), attr)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -92,6 +91,8 @@ def eval_view(images_uint8: Tensor, size: int) -> Tensor:
     _check_images(images_uint8, "eval_view")
     if tuple(images_uint8.shape[-2:]) == (size, size):
         return images_uint8
+    import torchvision.transforms.v2.functional as TF  # here, not at the top: a fully cached run never pays its 1.5 s import
+
     return TF.resize(images_uint8, [size, size], antialias=True)
 
 
@@ -122,6 +123,8 @@ def train_view(images_uint8: Tensor, size: int, generator: torch.Generator) -> T
     The same generator state gives the same views. Random numbers are drawn image by
     image in order, so the result does not depend on how the images are batched.
     """
+    import torchvision.transforms.v2.functional as TF
+
     _check_images(images_uint8, "train_view")
     height, width = images_uint8.shape[-2:]
     out = torch.empty((len(images_uint8), 3, size, size), dtype=torch.uint8, device=images_uint8.device)

@@ -17,6 +17,7 @@ the markdown tables and the plots.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -820,6 +821,37 @@ def _describe_entry(e: dict) -> str:
             f"train_fraction {float(e['train_fraction']):g}")
 
 
+PLOTS_STAMP = ".plots-stamp.json"
+
+
+def _plots_digest(runs: list[dict]) -> str:
+    """What the plots are drawn from: every run record and this file's own code."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(json.dumps(runs, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _unchanged_plots(runs: list[dict], plots_dir: Path) -> list[Path] | None:
+    """The plots drawn last time from exactly these runs, if they are all still there; else None.
+
+    Drawing is most of the report's time; a rerun that finished no new run should not pay it again.
+    """
+    try:
+        stamp = json.loads((plots_dir / PLOTS_STAMP).read_text())
+        plots = [Path(p) for p in stamp["plots"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if stamp.get("digest") != _plots_digest(runs) or not all(p.is_file() for p in plots):
+        return None
+    return plots
+
+
+def _stamp_plots(runs: list[dict], plots_dir: Path, plots: list[Path]) -> None:
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    stamp = {"digest": _plots_digest(runs), "plots": [str(p) for p in plots]}
+    (plots_dir / PLOTS_STAMP).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
+
+
 def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list[dict] | None = None) -> dict:
     """Summary, tables and plots for every dataset with finished runs under ``out_dir/runs``.
 
@@ -849,8 +881,10 @@ def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list
 
     summary = summarise(runs)
     tables = write_tables(summary, out_dir)
-    plots = []
-    for dataset in dict.fromkeys(summary["dataset"]):
+    plots = _unchanged_plots(runs, plots_dir)
+    redraw = plots is None
+    plots = plots or []
+    for dataset in dict.fromkeys(summary["dataset"]) if redraw else ():
         ds_runs = [r for r in runs if r["dataset"] == dataset]
         for backbone, mode in _combos(summary[summary["dataset"] == dataset]):
             kw = dict(backbone=backbone, mode=mode)
@@ -860,6 +894,8 @@ def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list
             fraction_plot = plot_fraction_study(summary, dataset, plots_dir, **kw)
             if fraction_plot is not None:
                 plots.append(fraction_plot)
+    if redraw:
+        _stamp_plots(runs, plots_dir, plots)
 
     if timing is not None:
         sections = dict(timing["sections"])

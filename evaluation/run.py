@@ -426,7 +426,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    backbone = bb.create_backbone(args.backbone, args.weights)
+    # Frozen runs whose features are cached never need the network itself: build it lazily.
+    backbone = bb.LazyBackbone(args.backbone, args.weights)
+    if args.mode == "finetune":
+        backbone = backbone.build()
     timer.add("backbone", time.perf_counter() - t0)
     check_finished_runs_agree(args, [label for _, label in datasets], backbone.weights_hash)
     print(f"# {command}")
@@ -447,6 +450,7 @@ def main(argv=None) -> int:
     timer.add("report", time.perf_counter() - t0)
     timing = {"sections": dict(timer.sections), "total": time.perf_counter() - start}
     write_json_atomically(timing, args.out / "timing.json")
+    (args.out / "timing.md").write_text(report.format_timing(timing), encoding="utf-8")
     for _, label in datasets:
         print()
         print(report.format_table(result["summary"], label))

@@ -150,7 +150,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
         with _autocast(device, amp):
             out = model(inputs, target, teacher_logits)
         if not torch.isfinite(out.loss):
-            return {"train_loss": float(out.loss), "train_top1": correct / max(seen, 1), "nonfinite": True}
+            return {"train_loss": out.loss.item(), "train_top1": correct / max(seen, 1), "nonfinite": True}
         optimiser.zero_grad(set_to_none=True)
         out.loss.backward()
         optimiser.step()

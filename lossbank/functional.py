@@ -379,6 +379,79 @@ def cosine_logits(features: Tensor, weight: Tensor, scale: float = 1.0) -> Tenso
     return cos * scale if scale != 1.0 else cos
 
 
+class _CosineMarginCE(torch.autograd.Function):
+    """Per-sample cross-entropy over s·cos θ_j with the target's cos θ_y replaced by t(cos θ_y).
+
+    AM-Softmax and ArcFace differ only in t. Forward and backward are written out so one
+    training step costs little more than a linear layer + cross-entropy: the generic
+    autograd graph of normalise → matmul → margin → cross-entropy walks the (batch, D)
+    features several times and dominated the step at few classes.
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, target, scale, target_fn):
+        x_norm, w_norm = features.norm(dim=1), weight.norm(dim=1)
+        rx, rw = 1.0 / x_norm.clamp_min(_EPS), 1.0 / w_norm.clamp_min(_EPS)
+        cos = (features @ weight.t()).mul_(rx[:, None]).mul_(rw)
+        cos_y = cos.gather(1, target[:, None]).squeeze(1)
+        t, dt = target_fn(cos_y)
+        logp = torch.log_softmax((scale * cos).scatter_(1, target[:, None], scale * t[:, None]), dim=1)
+        ctx.save_for_backward(features, weight, target, rx, rw, x_norm > _EPS, w_norm > _EPS, cos, logp, dt)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(cos)
+        return -logp.gather(1, target[:, None]).squeeze(1), cos
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_cos):
+        features, weight, target, rx, rw, x_ok, w_ok, cos, logp, dt = ctx.saved_tensors
+        idx = target[:, None]
+        # d loss_i / d logit_ij = p_ij − [j = y_i]; the logits are s·cos, and t(cos) at the target.
+        grad_cos = logp.exp().scatter_add_(1, idx, torch.full_like(logp[:, :1], -1.0)).mul_(grad_loss[:, None] * ctx.scale)
+        grad_cos.scatter_(1, idx, grad_cos.gather(1, idx) * dt[:, None])
+        # cos_ij = x_i·w_j · rx_i · rw_j with rx = 1/‖x‖: the product rule gives one matrix
+        # product per input and a correction along the input itself.
+        gc_cos = grad_cos * cos
+        scaled = grad_cos.mul_(rx[:, None]).mul_(rw)
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            coef = -(gc_cos.sum(1) * rx * rx * x_ok)
+            grad_features = (scaled @ weight).addcmul_(features, coef[:, None])
+        if ctx.needs_input_grad[1]:
+            coef = -(gc_cos.sum(0) * rw * rw * w_ok)
+            grad_weight = (scaled.t() @ features).addcmul_(weight, coef[:, None])
+        return grad_features, grad_weight, None, None, None
+
+
+def am_softmax_target(margin: float):
+    """t(cos θ) = cos θ − m and its derivative, for AM-Softmax."""
+    def target_fn(cos_y):
+        return cos_y - margin, torch.ones_like(cos_y)
+    return target_fn
+
+
+def arcface_target(margin: float):
+    """t(cos θ) = cos(θ + m), or cos θ − m·sin m where θ + m > π; and dt/d cos θ, for ArcFace."""
+    cos_m, sin_m, threshold = math.cos(margin), math.sin(margin), math.cos(math.pi - margin)
+
+    def target_fn(cos_y):
+        inside = (cos_y >= -1.0) & (cos_y <= 1.0)
+        c = cos_y.clamp(-1.0, 1.0)
+        # The floor keeps d sinθ/d cosθ finite when cos θ = ±1 exactly (its slope is then 0).
+        sin_sq = 1.0 - c * c
+        sin = sin_sq.clamp_min(_EPS).sqrt()
+        d_sin = torch.where(sin_sq > _EPS, -c / sin, torch.zeros_like(c))
+        arc = c * cos_m - sin * sin_m
+        d_arc = (cos_m - sin_m * d_sin) * inside
+        use_arc = c > threshold
+        return torch.where(use_arc, arc, c - margin * sin_m), torch.where(use_arc, d_arc, inside.to(c.dtype))
+    return target_fn
+
+
+def cosine_margin_ce(features: Tensor, weight: Tensor, target: Tensor, scale: float, target_fn) -> tuple[Tensor, Tensor]:
+    """(per-sample loss, cos θ matrix) of a normalised margin loss; inputs already validated."""
+    return _CosineMarginCE.apply(features, weight, target, scale, target_fn)
+
+
 @full_precision
 def am_softmax_loss(
     features: Tensor,
@@ -393,13 +466,12 @@ def am_softmax_loss(
     _check_positive(scale, "scale")
     _check_positive(margin, "margin", allow_zero=True)
     target = _check_features_weight_target(features, weight, target)
-    return am_softmax_from_cos(cosine_logits(features, weight), target, scale, margin, reduction)
+    return _reduce(cosine_margin_ce(features, weight, target, scale, am_softmax_target(margin))[0], reduction)
 
 
-def am_softmax_from_cos(cos: Tensor, target: Tensor, scale: float, margin: float, reduction: str) -> Tensor:
-    """AM-Softmax given the cosine matrix (validated inputs), so a head multiplies once."""
-    shift = torch.full((cos.shape[0], 1), -margin * scale, dtype=cos.dtype, device=cos.device)
-    return F.cross_entropy((scale * cos).scatter_add(1, target[:, None], shift), target, reduction=reduction)
+def check_arcface_margin(margin) -> None:
+    if not (isinstance(margin, (int, float)) and 0 <= margin < math.pi / 2):
+        raise ValueError(f"margin must be in [0, π/2) radians for ArcFace; got {margin!r}")
 
 
 @full_precision
@@ -418,23 +490,9 @@ def arcface_loss(
     """
     check_reduction(reduction)
     _check_positive(scale, "scale")
-    if not (isinstance(margin, (int, float)) and 0 <= margin < math.pi / 2):
-        raise ValueError(f"margin must be in [0, π/2) radians for ArcFace; got {margin!r}")
+    check_arcface_margin(margin)
     target = _check_features_weight_target(features, weight, target)
-    return arcface_from_cos(cosine_logits(features, weight), target, scale, margin, reduction)
-
-
-def arcface_from_cos(cos: Tensor, target: Tensor, scale: float, margin: float, reduction: str) -> Tensor:
-    """ArcFace given the cosine matrix (validated inputs), so a head multiplies once."""
-    # Only the target column needs cos θ within [−1, 1]: it goes through sin θ.
-    cos_y = cos.gather(1, target[:, None]).squeeze(1).clamp(-1.0, 1.0)
-    # The floor keeps d sinθ/d cosθ finite when cos θ = ±1 exactly.
-    sin_y = (1.0 - cos_y * cos_y).clamp_min(_EPS).sqrt()
-    cos_y_plus_m = cos_y * math.cos(margin) - sin_y * math.sin(margin)
-    fallback = cos_y - margin * math.sin(margin)
-    target_cos = torch.where(cos_y > math.cos(math.pi - margin), cos_y_plus_m, fallback)
-    logits = (scale * cos).scatter(1, target[:, None], scale * target_cos[:, None])
-    return F.cross_entropy(logits, target, reduction=reduction)
+    return _reduce(cosine_margin_ce(features, weight, target, scale, arcface_target(margin))[0], reduction)
 
 
 # ---------------------------------------------------------------- cosine loss

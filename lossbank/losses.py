@@ -11,7 +11,6 @@ Three calling conventions, told apart by the class attribute ``input``:
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
@@ -287,7 +286,9 @@ class _NormalisedMargin(_Loss):
         LF._check_positive(margin, "margin", allow_zero=True)
         self.scale, self.margin = float(scale), float(margin)
 
-    _from_cos = None  # set by subclasses: the functional form taking the cosine matrix
+    def target_fn(self):
+        """t(cos θ_y) and its derivative: the margin, set by each subclass."""
+        raise NotImplementedError
 
     def logits(self, features: Tensor, weight: Tensor) -> Tensor:
         return LF.cosine_logits(features, weight, self.scale)
@@ -299,9 +300,8 @@ class _NormalisedMargin(_Loss):
     def logits_and_loss(self, features: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(margin-free logits s·cos θ, loss) from one matrix product."""
         target = LF._check_features_weight_target(features, weight, target)
-        cos = LF.cosine_logits(features, weight)
-        value = type(self)._from_cos(cos, target, self.scale, self.margin, self.reduction)
-        return self.scale * cos.detach(), value
+        per_sample, cos = LF.cosine_margin_ce(features, weight, target, self.scale, self.target_fn())
+        return self.scale * cos, LF._reduce(per_sample, self.reduction)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, margin={self.margin}"
@@ -330,7 +330,8 @@ class AMSoftmax(_NormalisedMargin):
     def __init__(self, scale: float = 30.0, margin: float = 0.35, reduction: str = "mean"):
         super().__init__(scale, margin, reduction)
 
-    _from_cos = staticmethod(LF.am_softmax_from_cos)
+    def target_fn(self):
+        return LF.am_softmax_target(self.margin)
 
 
 @register_loss(
@@ -357,10 +358,10 @@ class ArcFace(_NormalisedMargin):
 
     def __init__(self, scale: float = 30.0, margin: float = 0.5, reduction: str = "mean"):
         super().__init__(scale, margin, reduction)
-        if margin >= math.pi / 2:
-            raise ValueError(f"margin must be in [0, π/2) radians for ArcFace; got {margin!r}")
+        LF.check_arcface_margin(margin)
 
-    _from_cos = staticmethod(LF.arcface_from_cos)
+    def target_fn(self):
+        return LF.arcface_target(self.margin)
 
 
 @register_loss(
