@@ -158,8 +158,8 @@ def test_users_own_folder(tmp_path, cache_dir):
     [
         (["--dataset", "fruits", "--losses", "focal"], "unknown loss focal; known losses: l1, l2"),
         (["--dataset", "fruits", "--backbone", "vgg16"], "unknown backbone 'vgg16'"),
-        (["--dataset", "fruits", "--train-fraction", "1.5"], r"--train-fraction must be in \(0, 1\]"),
-        (["--dataset", "fruits", "--train-fraction", "0"], r"--train-fraction must be in \(0, 1\]"),
+        (["--dataset", "fruits", "--train-fraction", "1.5"], "--train-fraction must be in (0, 1]"),
+        (["--dataset", "fruits", "--train-fraction", "0"], "--train-fraction must be in (0, 1]"),
         (["--dataset", "fruits", "--seeds", "a"], "--seeds must be a comma-separated list of ints"),
         (["--dataset", "fruits", "--epochs", "0"], "--epochs must be at least 1"),
         (["--dataset", "mnist"], "invalid choice: 'mnist'"),
