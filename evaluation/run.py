@@ -33,7 +33,7 @@ examples:
   python -m evaluation.run --dataset fruits --backbone efficientnet_lite0
   # three datasets, five seeds, two losses
   python -m evaluation.run --dataset all --backbone efficientnet_lite0 --losses cross_entropy,am_softmax --seeds 0,1,2,3,4
-  # limited data: 10 %% and 25 %% of train (stratified)
+  # limited data: 10 % and 25 % of train (stratified)
   python -m evaluation.run --dataset covid --backbone efficientnet_lite0 --train-fraction 0.1,0.25
   # fine-tune the last two stages of the backbone
   python -m evaluation.run --dataset weather --backbone efficientnet_lite0 --mode finetune --unfreeze last --epochs 8
@@ -377,6 +377,7 @@ def train_run(args, inputs, splits, backbone, key, command, progress, teacher=No
         "config": {**config.as_dict(key["loss"]), **run_signature(args, backbone.weights_hash), "lr": lr,
                    "device": args.device, "teacher": args.teacher if key["loss"] == "distillation" else None},
         "signature": run_signature(args, backbone.weights_hash), "notes": splits.notes, "command": command,
+        "skipped_files": inputs["bad_files"], "dropped": splits.dropped,
     }
     return record, result.model
 

@@ -144,13 +144,16 @@ def test_users_own_folder(tmp_path, cache_dir):
             noise = torch.randint(0, 40, (48, 64, 3), generator=g, dtype=torch.uint8)
             pixels = (torch.tensor(colour, dtype=torch.uint8) + noise).clamp(max=255).numpy()
             Image.fromarray(pixels).save(folder / f"{i}.png")
+    (root / "train" / "class1" / "broken.jpg").write_bytes(b"")  # undecodable: skipped, counted, never fatal
     out = tmp_path / "out"
-    assert run.main(["--data-dir", str(root), *FAST, "--losses", "cross_entropy", "--out", str(out),
-                     "--cache-dir", str(cache_dir)]) == 0
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        assert run.main(["--data-dir", str(root), *FAST, "--losses", "cross_entropy", "--out", str(out),
+                         "--cache-dir", str(cache_dir)]) == 0
     rec = records(out)["cross_entropy/seed0-frac1"]
     assert rec["dataset"] == "mine" and rec["num_train"] == 21 and rec["num_valid"] == 9
     assert rec["classes"] == ["class0", "class1", "class2"]
-    assert (out / "mine" / "accuracy.md").is_file()
+    assert [Path(p).name for p in rec["skipped_files"]] == ["broken.jpg"]
+    assert "1 undecodable image files skipped" in (out / "mine" / "accuracy.md").read_text()
 
 
 @pytest.mark.parametrize(
