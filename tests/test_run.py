@@ -156,6 +156,31 @@ def test_users_own_folder(tmp_path, cache_dir):
     assert "1 undecodable image files skipped" in (out / "mine" / "accuracy.md").read_text()
 
 
+def test_finetune_mode_trains_the_last_stages(tmp_path):
+    root = tmp_path / "tiny"
+    g = torch.Generator().manual_seed(1)
+    from PIL import Image
+
+    for c, colour in enumerate([(220, 40, 40), (40, 40, 220)]):
+        for i in range(6):
+            folder = root / ("train" if i < 4 else "valid") / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            noise = torch.randint(0, 30, (40, 40, 3), generator=g, dtype=torch.uint8)
+            Image.fromarray((torch.tensor(colour, dtype=torch.uint8) + noise).numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    assert run.main(["--data-dir", str(root), "--backbone", "efficientnet_lite0", "--mode", "finetune",
+                     "--epochs", "2", "--batch-size", "4", "--losses", "am_softmax,distillation",
+                     "--no-progress", "--out", str(out)]) == 0
+    recs = records(out)
+    for name in ("am_softmax/seed0-frac1", "distillation/seed0-frac1"):
+        assert recs[name]["status"] == "ok" and recs[name]["mode"] == "finetune"
+        assert len(recs[name]["history"]) == 2 and recs[name]["num_train"] == 8
+        assert recs[name]["config"]["unfreeze"] == "last"
+    # The teacher of a finetuned distillation run is the whole finetuned network, saved beside its run.
+    teacher = torch.load(out / "runs/tiny/efficientnet_lite0-finetune/cross_entropy/seed0-frac1.pt", weights_only=True)
+    assert any(k.startswith("backbone.blocks.6") for k in teacher)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
