@@ -390,42 +390,46 @@ class _CosineMarginCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weight, target, scale, target_fn):
-        x_norm, w_norm = features.norm(dim=1), weight.norm(dim=1)
-        rx, rw = 1.0 / x_norm.clamp_min(_EPS), 1.0 / w_norm.clamp_min(_EPS)
-        cos = (features @ weight.t()).mul_(rx[:, None]).mul_(rw)
-        cos_y = cos.gather(1, target[:, None]).squeeze(1)
-        t, dt = target_fn(cos_y)
-        logp = torch.log_softmax((scale * cos).scatter_(1, target[:, None], scale * t[:, None]), dim=1)
-        ctx.save_for_backward(features, weight, target, rx, rw, x_norm > _EPS, w_norm > _EPS, cos, logp, dt)
+        # Every operation here and in backward costs several µs on a small batch, so the
+        # count is kept low: in-place where possible, no masks (a zero row of x or W
+        # multiplies its own correction term by zero anyway).
+        idx = target[:, None]
+        rx = features.norm(dim=1).clamp_min_(_EPS).reciprocal_()
+        rw = weight.norm(dim=1).clamp_min_(_EPS).reciprocal_()
+        cos = torch.mm(features, weight.t()).mul_(rx[:, None]).mul_(rw)
+        t, dt = target_fn(cos.gather(1, idx))
+        logits = (cos * scale).scatter_(1, idx, t.mul_(scale))
+        ctx.save_for_backward(features, weight, idx, rx, rw, cos, logits, dt)
         ctx.scale = scale
         ctx.mark_non_differentiable(cos)
-        return -logp.gather(1, target[:, None]).squeeze(1), cos
+        return F.cross_entropy(logits, target, reduction="none"), cos
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_cos):
-        features, weight, target, rx, rw, x_ok, w_ok, cos, logp, dt = ctx.saved_tensors
-        idx = target[:, None]
+        features, weight, idx, rx, rw, cos, logits, dt = ctx.saved_tensors
         # d loss_i / d logit_ij = p_ij − [j = y_i]; the logits are s·cos, and t(cos) at the target.
-        grad_cos = logp.exp().scatter_add_(1, idx, torch.full_like(logp[:, :1], -1.0)).mul_(grad_loss[:, None] * ctx.scale)
-        grad_cos.scatter_(1, idx, grad_cos.gather(1, idx) * dt[:, None])
+        grad_cos = torch.softmax(logits, dim=1).scatter_add_(1, idx, torch.full_like(rx[:, None], -1.0))
+        grad_cos.mul_(grad_loss[:, None] * ctx.scale)
+        if dt is not None:
+            grad_cos.scatter_(1, idx, grad_cos.gather(1, idx).mul_(dt))
         # cos_ij = x_i·w_j · rx_i · rw_j with rx = 1/‖x‖: the product rule gives one matrix
         # product per input and a correction along the input itself.
         gc_cos = grad_cos * cos
         scaled = grad_cos.mul_(rx[:, None]).mul_(rw)
         grad_features = grad_weight = None
         if ctx.needs_input_grad[0]:
-            coef = -(gc_cos.sum(1) * rx * rx * x_ok)
-            grad_features = (scaled @ weight).addcmul_(features, coef[:, None])
+            coef = gc_cos.sum(1).mul_(rx).mul_(rx).neg_()
+            grad_features = torch.mm(scaled, weight).addcmul_(features, coef[:, None])
         if ctx.needs_input_grad[1]:
-            coef = -(gc_cos.sum(0) * rw * rw * w_ok)
-            grad_weight = (scaled.t() @ features).addcmul_(weight, coef[:, None])
+            coef = gc_cos.sum(0).mul_(rw).mul_(rw).neg_()
+            grad_weight = torch.mm(scaled.t(), features).addcmul_(weight, coef[:, None])
         return grad_features, grad_weight, None, None, None
 
 
 def am_softmax_target(margin: float):
-    """t(cos θ) = cos θ − m and its derivative, for AM-Softmax."""
+    """t(cos θ) = cos θ − m; its derivative is 1 (None: nothing to rescale)."""
     def target_fn(cos_y):
-        return cos_y - margin, torch.ones_like(cos_y)
+        return cos_y.sub_(margin), None
     return target_fn
 
 
@@ -439,7 +443,7 @@ def arcface_target(margin: float):
         # The floor keeps d sinθ/d cosθ finite when cos θ = ±1 exactly (its slope is then 0).
         sin_sq = 1.0 - c * c
         sin = sin_sq.clamp_min(_EPS).sqrt()
-        d_sin = torch.where(sin_sq > _EPS, -c / sin, torch.zeros_like(c))
+        d_sin = torch.where(sin_sq > _EPS, -c / sin, 0.0)
         arc = c * cos_m - sin * sin_m
         d_arc = (cos_m - sin_m * d_sin) * inside
         use_arc = c > threshold
