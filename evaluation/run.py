@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--mode", choices=["frozen", "finetune"], default="frozen",
                        help="frozen: train the head on cached features (default); finetune: train backbone stages too")
     model.add_argument("--unfreeze", choices=["last", "all"], default="last", help="finetune: which backbone stages train (default last)")
-    model.add_argument("--hidden", type=int, default=0, help="width of an MLP layer before the head (default 0: none)")
+    model.add_argument("--hidden", type=int, default=256,
+                       help="width of an MLP layer (linear, batch norm, ReLU) before the head; 0 = none (default 256)")
     model.add_argument("--dropout", type=float, default=0.2, help="dropout on the features (default 0.2)")
     train = p.add_argument_group("training")
     train.add_argument("--losses", type=_csv(str, "--losses"), default=None, metavar="NAME[,NAME...]",
@@ -129,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--train-fraction and --seeds must not repeat a value")
     args.epochs = DEFAULT_EPOCHS[args.mode] if args.epochs is None else args.epochs
     args.batch_size = DEFAULT_BATCH[args.mode] if args.batch_size is None else args.batch_size
+    if args.hidden < 0:
+        parser.error(f"--hidden must be >= 0; got {args.hidden}")
     for name in ("epochs", "batch_size", "views", "image_size", "decode_size", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")

@@ -35,7 +35,10 @@ class TrainConfig:
     lr: float | None = None  # None: the per-loss default above
     weight_decay: float = 1e-4
     patience: int = 10  # epochs without a better valid loss before stopping; 0 = never stop early
-    hidden: int = 0  # width of an MLP layer before the head; 0 = the head sits on the features
+    # Width of an MLP layer before the head; 0 = the head sits on the features. The margin
+    # losses need it: on covid, AM-Softmax and ArcFace on the raw 1280-d features reached
+    # 76 % and 61 % valid, behind a 256-wide layer 91 % and 92 % (one seed, Lite0, frozen).
+    hidden: int = 256
     dropout: float = 0.2
     loss_kwargs: dict = field(default_factory=dict)
 
