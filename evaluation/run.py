@@ -149,8 +149,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device is available here; use --device cpu")
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         parser.error(f"--weights: no file at {args.weights}; give imagenet, none or the path of a state_dict file")
-    if args.data_dir is not None and not args.data_dir.is_dir():
+    if args.data_dir is not None and not args.data_dir.expanduser().is_dir():
         parser.error(f"--data-dir: {args.data_dir} is not a folder")
+    # argparse leaves "~" alone (and the shell does too in --out=~/x): expand every path here.
+    for name in ("out", "plots", "cache_dir", "data_dir"):
+        if getattr(args, name) is not None:
+            setattr(args, name, Path(getattr(args, name)).expanduser())
     args.precision = feats.resolve_precision(args.precision, args.device)
     args.plots = args.plots or args.out / "plots"
     args.device_type = torch.device(args.device).type

@@ -219,3 +219,10 @@ def test_offline_torchvision_backbone_fails_at_once_with_advice(tmp_path, capsys
 def test_cli_help_shows_examples():
     out = subprocess.run([sys.executable, "-m", "evaluation.run", "--help"], capture_output=True, text=True, check=True).stdout
     assert "examples:" in out and "--train-fraction" in out and "--drop-duplicates" in out
+
+
+def test_paths_with_a_tilde_are_expanded():
+    args = run.parse_args(["--dataset", "fruits", "--out", "~/lossbank-results"])
+    assert args.out == Path.home() / "lossbank-results"
+    assert args.plots == Path.home() / "lossbank-results" / "plots"
+    assert args.cache_dir.is_absolute() and "~" not in str(args.cache_dir)
