@@ -226,3 +226,22 @@ def test_paths_with_a_tilde_are_expanded():
     assert args.out == Path.home() / "lossbank-results"
     assert args.plots == Path.home() / "lossbank-results" / "plots"
     assert args.cache_dir.is_absolute() and "~" not in str(args.cache_dir)
+
+
+def test_results_md_is_generated_from_the_runs(tmp_path, cache_dir):
+    from evaluation import results
+
+    out, plots = tmp_path / "results", tmp_path / "plots"
+    assert run.main(["--dataset", "fruits", *FAST, "--losses", "cross_entropy,hinge", "--seeds", "0,1",
+                     "--train-fraction", "1.0,0.5", "--out", str(out), "--plots", str(plots),
+                     "--cache-dir", str(cache_dir)]) == 0
+    path = tmp_path / "RESULTS.md"
+    results.write_results_md(out, plots, path, [["--dataset", "fruits"]], seconds=120.0)
+    text = path.read_text()
+    summary = __import__("pandas").read_csv(out / "summary.csv")
+    ce = summary[(summary["loss"] == "cross_entropy") & (summary["train_fraction"] == 1.0)].iloc[0]
+    verdict = "yes" if 100 * ce.top1_mean >= 92 else "**no**"
+    assert f"| cross_entropy | {100 * ce.top1_mean:.1f} ± {100 * ce.top1_std:.1f}" in text
+    assert f"| 92 % | {verdict} |" in text
+    assert "| hinge |" in text and "### fruits" in text and "took 2 min" in text
+    assert "python -m evaluation.run --dataset fruits" in text
