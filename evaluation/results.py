@@ -7,6 +7,7 @@ from ``results/summary.csv``: every number in it comes from those runs.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -130,9 +131,23 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
             b = full[(full["dataset"] == f"{dataset}-dedup") & (full["loss"] == loss)]
             lines.append(f"| {dataset} | {loss} | {_pct(a.top1_mean.iloc[0], a.top1_std.iloc[0])} | "
                          f"{_pct(b.top1_mean.iloc[0], b.top1_std.iloc[0]) if len(b) else '–'} |")
+    backbones_json = out / "backbones.json"
+    if backbones_json.exists():
+        lines += ["", "## Backbones on fruits (cross-entropy, frozen, 5 seeds)", "",
+                  "From `LOSSBANK_DATA=../shared/datasets python benchmarks/bench_backbones.py` (writes "
+                  "results/backbones.json). Torchvision's ImageNet weights cannot be downloaded here, so those "
+                  "backbones ran from random initialisation and are marked so: their accuracy says nothing "
+                  "about them pretrained. Latency is per image at batch 1 on this 2-core CPU (float32, "
+                  "channels_last, median of 30); cold start is a fresh process to its first prediction.", "",
+                  "| backbone | weights | top-1 (%) | top-3 (%) | params (M) | size (MB) | latency (ms) | "
+                  "cold start (s) | peak RSS (MB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in json.loads(backbones_json.read_text()):
+            weights = "ImageNet" if r["weights"] == "imagenet" else "**random init**"
+            lines.append(f"| {r['backbone']} | {weights} | {_pct(r['top1_mean'], r['top1_std'])} | "
+                         f"{_pct(r['top3_mean'])} | {r['params_m']:.1f} | {r['size_mb']:.1f} | "
+                         f"{r['latency_ms']:.1f} | {r['cold_start_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "## Not yet here", "",
-              "- Fine-tuning (`--mode finetune --unfreeze last`) of every loss on the three datasets, 5 seeds.",
-              "- The backbone comparison on fruits (resnet50, mobilenet_v2, efficientnet_b0, efficientnet_lite0).", ""]
+              "- Fine-tuning (`--mode finetune --unfreeze last`) of every loss on the three datasets, 5 seeds.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 

@@ -1,0 +1,97 @@
+"""Backbone comparison on fruits with cross-entropy: accuracy, size, CPU latency, cold start, memory.
+
+For each backbone: valid top-1/top-3 from `python -m evaluation.run` (frozen, cross-entropy,
+5 seeds; torchvision backbones use random initialisation when their ImageNet weights cannot be
+had here, and the table says so), parameter count, weights size in MB (float32 state_dict),
+CPU latency per image at batch 1 (median of 30, after 5 warm-ups), cold start (a fresh process:
+interpreter start, imports, building the network, one prediction) and that process's peak RSS.
+
+    LOSSBANK_DATA=../shared/datasets .venv/bin/python benchmarks/bench_backbones.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from evaluation import backbones as bb
+from evaluation import report, run
+
+COLD_START = """
+import resource, sys, time, torch
+from evaluation import backbones, features
+t0 = float(sys.argv[3])
+backbone = backbones.create_backbone(sys.argv[1], sys.argv[2])
+image = torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8)
+with torch.inference_mode():
+    x = features.normalise(features.eval_view(image, 224), backbone).contiguous(memory_format=torch.channels_last)
+    backbone.model.to(memory_format=torch.channels_last)(x)
+print(time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def weights_for(name: str) -> str:
+    try:
+        bb.check_backbone_available(name, "imagenet")
+        return "imagenet"
+    except bb.BackboneError:
+        return "none"
+
+
+def latency_ms(backbone) -> float:
+    from evaluation.features import eval_view, normalise
+
+    model = backbone.model.eval().to(memory_format=torch.channels_last)
+    x = normalise(eval_view(torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8), 224), backbone)
+    x = x.contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for i in range(35):
+            start = time.perf_counter()
+            model(x)
+            if i >= 5:
+                times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results/backbones"), help="runs of each backbone")
+    parser.add_argument("--json", type=Path, default=Path("results/backbones.json"), help="the table, for RESULTS.md")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    args = parser.parse_args()
+    rows = []
+    for name in bb.BACKBONES:
+        weights = weights_for(name)
+        code = run.main(["--dataset", "fruits", "--backbone", name, "--weights", weights, "--losses", "cross_entropy",
+                         "--seeds", args.seeds, "--out", str(args.out / name), "--no-progress"])
+        if code:
+            raise SystemExit(f"the run for {name} failed with exit code {code}")
+        summary = report.summarise(report.load_runs(args.out / name)).iloc[0]
+        backbone = bb.create_backbone(name, weights)
+        params = sum(p.numel() for p in backbone.model.parameters())
+        size_mb = sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values()) / 2**20
+        cold = subprocess.run([sys.executable, "-c", COLD_START, name, weights, str(time.time())],
+                              capture_output=True, text=True, check=True).stdout.split()
+        rows.append({"backbone": name, "weights": weights, "top1_mean": summary.top1_mean, "top1_std": summary.top1_std,
+                     "top3_mean": summary.top3_mean, "params_m": params / 1e6, "size_mb": size_mb,
+                     "latency_ms": latency_ms(backbone), "cold_start_s": float(cold[0]), "peak_rss_mb": float(cold[1])})
+    args.json.write_text(json.dumps(rows, indent=1))
+    print("| backbone | weights | top-1 (%) | top-3 (%) | params (M) | size (MB) | latency, batch 1 (ms) "
+          "| cold start (s) | peak RSS (MB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        weights = "ImageNet" if r["weights"] == "imagenet" else "**random init** (no weights offline)"
+        print(f"| {r['backbone']} | {weights} | {100 * r['top1_mean']:.1f} ± {100 * r['top1_std']:.1f} | "
+              f"{100 * r['top3_mean']:.1f} | {r['params_m']:.1f} | {r['size_mb']:.1f} | {r['latency_ms']:.1f} | "
+              f"{r['cold_start_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
