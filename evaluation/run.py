@@ -464,9 +464,9 @@ def main(argv=None) -> int:
         print(report.format_table(result["summary"], label))
     print("\ntiming (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timing["sections"].items()) + f", total {timing['total']:.1f}")
     print(f"tables in {args.out}, plots in {args.plots}")
-    failed = [r for r in result.get("missing", [])]
-    if failed:
-        print(f"{len(failed)} requested runs are not finished", file=sys.stderr)
+    missing = result.get("missing", [])
+    if missing:
+        print(f"{len(missing)} requested runs are not finished", file=sys.stderr)
     return 0
 
 
