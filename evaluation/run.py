@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", type=Path, default=DEFAULT_FEATURE_CACHE, help="feature cache (default ~/.cache/lossbank/features)")
     run.add_argument("--workers", type=int, default=2, help="processes decoding images (default 2)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--shard", default="0/1", metavar="I/N",
+                     help="run only the I-th of N disjoint slices of the requested grid (one job per machine, "
+                          "a shared --out); slices are whole (dataset, fraction, seed) groups (default 0/1: all)")
     return p
 
 
@@ -157,6 +160,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, Path(getattr(args, name)).expanduser())
     args.precision = feats.resolve_precision(args.precision, args.device)
     args.plots = args.plots or args.out / "plots"
+    try:
+        index, count = (int(v) for v in args.shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard must be I/N with 0 <= I < N, e.g. 0/2; got {args.shard!r}")
+    args.shard = (index, count)
     args.device_type = torch.device(args.device).type
     return args
 
@@ -234,6 +244,9 @@ def run_dataset(args, splits: data.DatasetSplits, label: str, backbone: bb.Backb
     finished = []
     for fraction in args.train_fraction:
         for seed in args.seeds:
+            if (label, fraction, seed) not in args.my_groups:
+                continue
+
             def key_of(loss):
                 return {"dataset": label, "backbone": backbone.name, "mode": args.mode, "loss": loss,
                         "seed": seed, "train_fraction": fraction}
@@ -448,8 +461,13 @@ def main(argv=None) -> int:
              "train_fraction": fraction}
             for _, label in datasets for fraction in args.train_fraction for seed in args.seeds for loss in args.losses]
     write_json_atomically(grid, args.out / "grid.json")
+    # A distillation run needs its teacher from the same (dataset, fraction, seed), so shards
+    # are made of whole groups, dealt out in a fixed order: every job computes the same split.
+    groups = [(label, fraction, seed) for _, label in datasets for fraction in args.train_fraction for seed in args.seeds]
+    args.my_groups = {g for i, g in enumerate(groups) if i % args.shard[1] == args.shard[0]}
     for splits, label in datasets:
-        run_dataset(args, splits, label, backbone, timer, command)
+        if any(g[0] == label for g in args.my_groups):
+            run_dataset(args, splits, label, backbone, timer, command)
     from . import report  # pandas and matplotlib load only once there is something to report
 
     t0 = time.perf_counter()

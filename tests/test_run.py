@@ -245,3 +245,37 @@ def test_results_md_is_generated_from_the_runs(tmp_path, cache_dir):
     assert f"| 92 % | {verdict} |" in text
     assert "| hinge |" in text and "### fruits" in text and "took 2 min" in text
     assert "python -m evaluation.run --dataset fruits" in text
+
+
+def test_two_shards_in_parallel_cover_the_grid_like_one_run(tmp_path, cache_dir):
+    grid = ["--dataset", "fruits", *FAST, "--losses", "cross_entropy,distillation", "--seeds", "0,1",
+            "--cache-dir", str(cache_dir)]
+    whole = tmp_path / "whole"
+    assert run.main([*grid, "--out", str(whole)]) == 0
+    run.main([*grid, "--out", str(tmp_path / "warm")])  # features for both shards come from the cache
+    shared = tmp_path / "shared"
+    env = {**os.environ, "LOSSBANK_DATA": str(DATA_ROOT)}
+    jobs = [subprocess.Popen([sys.executable, "-m", "evaluation.run", *grid, "--out", str(shared), "--shard", f"{i}/2"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [job.communicate(timeout=600) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    # Each shard trained one seed, both losses of it (the distillation teacher with them).
+    for i, (out, _) in enumerate(outputs):
+        trained = {line.split(" seed ")[1].split(" ")[0] for line in out.splitlines() if ": valid top-1" in line}
+        assert trained == {str(i)}, out
+    merged = subprocess.run([sys.executable, "-m", "evaluation.report", "--out", str(shared)], env=env,
+                            capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    strip = lambda recs: {k: [{f: v for f, v in row.items() if f != "seconds"} for row in r["history"]]  # noqa: E731
+                          for k, r in recs.items()}
+    assert strip(records(shared)) == strip(records(whole))
+    columns = ["loss", "seeds", "top1_mean", "top1_std", "top3_mean", "f1_mean"]
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(pd.read_csv(shared / "summary.csv")[columns], pd.read_csv(whole / "summary.csv")[columns])
+
+
+def test_bad_shard_fails_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--dataset", "fruits", "--shard", "2/2"])
+    assert "--shard must be I/N with 0 <= I < N" in capsys.readouterr().err
