@@ -181,17 +181,20 @@ def record_path(out: Path, key: dict) -> Path:
             / f"seed{key['seed']}-frac{key['train_fraction']:g}.json")
 
 
-def write_json_atomically(obj, path: Path) -> None:
+def _replace_atomically(path: Path, write) -> None:
+    """write(tmp) then rename over ``path``: a killed process never leaves half a file there."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_json_atomically(obj, path: Path) -> None:
+    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 def save_model_atomically(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    _replace_atomically(path, lambda tmp: torch.save(model.state_dict(), tmp))
 
 
 def run_signature(args, weights_hash: str) -> dict:
@@ -236,12 +239,18 @@ def _summary_line(key: dict, result) -> str:
             f"{len(result['history'])} epochs, {result['train_seconds']:.1f} s")
 
 
-def run_dataset(args, splits: data.DatasetSplits, label: str, backbone: bb.Backbone, timer: Timer, command: str) -> list[dict]:
+def run_dataset(args, splits: data.DatasetSplits, label: str, backbone: bb.Backbone, timer: Timer, command: str) -> None:
     progress = not args.no_progress
     # Distillation needs its teacher trained first, whatever order --losses gives.
     losses = sorted(args.losses, key=lambda n: (n == "distillation", list_losses().index(n)))
-    inputs = prepare_inputs(args, splits, label, backbone, timer, progress)
-    finished = []
+    loaded = {}
+
+    def inputs():
+        # Features (or decoded images) only when something is left to train: a finished grid costs nothing.
+        if not loaded:
+            loaded.update(prepare_inputs(args, splits, label, backbone, timer, progress))
+        return loaded
+
     for fraction in args.train_fraction:
         for seed in args.seeds:
             if (label, fraction, seed) not in args.my_groups:
@@ -260,33 +269,28 @@ def run_dataset(args, splits: data.DatasetSplits, label: str, backbone: bb.Backb
                 is_teacher = teacher_needed and loss == args.teacher
                 recorded = loss in losses
                 if path.exists() and recorded:
-                    finished.append(json.loads(path.read_text()))
                     recorded = False  # already on disk: at most the teacher's model is still wanted
                     if not is_teacher:
                         continue
                 if is_teacher and path.with_suffix(".pt").exists():
-                    teacher_model = load_model(args, inputs, splits, backbone, loss, seed, fraction, path)
+                    teacher_model = load_model(args, inputs(), splits, backbone, loss, seed, fraction, path)
                     continue
                 if loss == "distillation" and teacher_model is None:
                     record = {**key, "status": "failed", "failed_epoch": 0, "history": [],
                               "failure": f"its teacher ({args.teacher}) failed to train", "command": command,
                               "signature": run_signature(args, backbone.weights_hash)}
                     write_json_atomically(record, path)
-                    finished.append(record)
                     continue
                 t0 = time.perf_counter()
-                record, model = train_run(args, inputs, splits, backbone, key, command, progress,
+                record, model = train_run(args, inputs(), splits, backbone, key, command, progress,
                                           teacher=teacher_model if loss == "distillation" else None)
                 timer.add(f"train:{loss}", time.perf_counter() - t0)
                 if recorded:
                     write_json_atomically(record, path)
-                    finished.append(record)
                     (tqdm.write if progress else print)(_summary_line(key, record))
                 if is_teacher and record["status"] == "ok":
                     teacher_model = frozen_copy(model)
-                    path.parent.mkdir(parents=True, exist_ok=True)
                     save_model_atomically(model, path.with_suffix(".pt"))
-    return finished
 
 
 def prepare_inputs(args, splits, label, backbone, timer, progress) -> dict:
