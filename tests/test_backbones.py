@@ -264,3 +264,12 @@ def test_unfreeze_all_and_none(random_init):
     assert not any(m.training for m in backbone.model.modules())
     with pytest.raises(ValueError, match="'none', 'last' or 'all'"):
         backbone.unfreeze("first")
+
+
+def test_lazy_backbone_remembers_the_hash_and_builds_only_when_used(lite0, tmp_path):
+    memo = tmp_path / "hashes.json"
+    first = backbones.LazyBackbone("efficientnet_lite0", memo=memo)
+    assert first.built and first.weights_hash == lite0.weights_hash  # nothing remembered yet: built to hash it
+    again = backbones.LazyBackbone("efficientnet_lite0", memo=memo)
+    assert not again.built and again.weights_hash == lite0.weights_hash and again.num_features == 1280
+    assert again.model is not None and again.built  # any other attribute builds the real network
