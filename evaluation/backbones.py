@@ -101,10 +101,13 @@ class Backbone:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def train_mode(self) -> None:
-        """Train mode for the unfrozen parts only.
+        """Train mode for the unfrozen parts, with every BatchNorm layer kept on its ImageNet statistics.
 
-        Frozen BatchNorm layers must keep their ImageNet running statistics: in
-        train mode they would normalise with (and update to) the small batch's.
+        Frozen layers must not normalise with (and update to) a small batch's statistics.
+        The unfrozen BatchNorm layers train their scale and shift but keep the running
+        statistics too: then each image goes through the backbone alone, the same in a
+        batch of 32 or in a process's share of it (evaluation/distributed.py), and
+        4-class batches of a small dataset do not drag the statistics around.
         """
         self.model.eval()
         if self.unfrozen == "all":
@@ -112,9 +115,21 @@ class Backbone:
         elif self.unfrozen == "last":
             for module in self._last_modules():
                 module.train()
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
     def _last_modules(self) -> list[nn.Module]:
         return [self.model.get_submodule(name) for name in self.last_stages]
+
+    def split(self) -> tuple[nn.Module, nn.Module]:
+        """(trunk, tail) with tail(trunk(x)) == model(x); the tail is the last stages plus pooling.
+
+        With unfreeze("last") nothing in the trunk trains, so fine-tuning can compute the
+        trunk once per image and view and cache it (on Lite0 the trunk is about 70 % of
+        a training step's time). Both share the model's modules: nothing is copied.
+        """
+        return _split(self.name, self.model, self.last_stages)
 
 
 def list_backbones() -> list[str]:
@@ -261,6 +276,24 @@ def _build_full(name: str) -> nn.Module:
     if name == "efficientnet_b0":
         return torchvision.models.efficientnet_b0(weights=None, stochastic_depth_prob=0.0)
     raise AssertionError(name)
+
+
+def _split(name: str, model: nn.Module, last_stages: tuple[str, ...] = ()) -> tuple[nn.Module, nn.Module]:
+    # Each follows its model's own forward(); tests check tail(trunk(x)) == model(x).
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    if name == "efficientnet_lite0":
+        trunk = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:5])
+        return trunk, nn.Sequential(*model.blocks[5:], model.conv_head, model.bn2, model.global_pool)
+    if name == "resnet50":
+        trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2)
+        return trunk, nn.Sequential(model.layer3, model.layer4, pool)
+    if name in ("mobilenet_v2", "efficientnet_b0"):
+        first_last = {"mobilenet_v2": 14, "efficientnet_b0": 6}[name]
+        return model.features[:first_last], nn.Sequential(*model.features[first_last:], pool)
+    if isinstance(model, nn.Sequential) and last_stages:  # a plain stack, e.g. a user's own small network
+        first_last = int(last_stages[0])
+        return model[:first_last], model[first_last:]
+    raise ValueError(f"backbone {name!r} has no known trunk/tail split; fine-tune it with unfreeze='all'")
 
 
 def _strip_head(name: str, model: nn.Module) -> int:

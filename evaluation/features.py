@@ -39,6 +39,7 @@ CROP_RATIO = (3 / 4, 4 / 3)
 JITTER = 0.2  # brightness, contrast and saturation factors drawn from [0.8, 1.2]
 
 PRECISIONS = ("auto", "bf16", "fp32")
+PARTS = ("pooled", "trunk")
 
 
 def native_bf16(device: str) -> bool:
@@ -154,8 +155,12 @@ def extract(
     progress: bool = True,
     desc: str = "",
     image_size: int | None = None,
+    part: str = "pooled",
 ) -> Tensor:
     """Pooled features, float32 (views, N, num_features), of eval views or `views` augmented views.
+
+    part "trunk" gives instead the output of the backbone's trunk (``Backbone.split``),
+    float32 (views, N, C, H, W): what fine-tuning of the last stages starts from.
 
     precision "bf16" runs under bf16 autocast (about 3x faster than fp32 on CPUs with
     native bf16, the usual mixed precision on CUDA), "fp32" in float32, "auto" picks
@@ -169,6 +174,8 @@ def extract(
         raise ValueError(f"views must be at least 1, got {views}")
     if views > 1 and not augment:
         raise ValueError(f"views={views} without augment would compute {views} identical copies; pass augment=True or views=1")
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     size = image_size or backbone.input_size
     bf16 = precision == "bf16"
     device_type = torch.device(device).type
@@ -177,9 +184,10 @@ def extract(
     was_training = model.training
     model.eval()
     model.to(device=device, memory_format=memory_format)
+    net = backbone.split()[0] if part == "trunk" else model
 
     n = len(images_uint8)
-    out = torch.empty((views, n, backbone.num_features), dtype=torch.float32)
+    out = torch.empty((views, n, backbone.num_features), dtype=torch.float32) if part == "pooled" else None
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=views * n, desc=desc or f"{backbone.name} features", unit="img", disable=not progress)
     try:
@@ -190,7 +198,9 @@ def extract(
                     batch = train_view(batch, size, generator) if augment else eval_view(batch, size)
                     x = normalise(batch, backbone).contiguous(memory_format=memory_format)
                     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                        y = model(x)
+                        y = net(x)
+                    if out is None:  # the trunk's output shape is known once it has run
+                        out = torch.empty((views, n, *y.shape[1:]), dtype=torch.float32)
                     out[v, start : start + len(batch)] = y.float().cpu()
                     bar.update(len(batch))
     finally:
@@ -221,6 +231,7 @@ def cache_key(
     image_size: int,
     decode_size: int,
     precision: str,
+    part: str = "pooled",
 ) -> str:
     """sha256 of everything that determines the cached features."""
     fields = {
@@ -237,10 +248,12 @@ def cache_key(
         "precision": precision,
         "transform_version": TRANSFORM_VERSION,
     }
+    if part != "pooled":  # pooled keys stay as they were, so existing caches remain valid
+        fields["part"] = part
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _read_cache(path: Path, key: str, backbone: Backbone, views: int):
+def _read_cache(path: Path, key: str, backbone: Backbone, views: int, part: str):
     """The cached entry at `path`, or None (with a warning) when it is unusable."""
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
@@ -248,7 +261,9 @@ def _read_cache(path: Path, key: str, backbone: Backbone, views: int):
         if entry["key"] != key:
             raise ValueError("its key does not match its file name")
         n = len(labels)
-        if features.dtype != torch.float32 or tuple(features.shape) != (views, n, backbone.num_features) or len(paths) != n:
+        width = (backbone.num_features,) if part == "pooled" else tuple(features.shape[2:])
+        if (features.dtype != torch.float32 or tuple(features.shape) != (views, n, *width) or len(paths) != n
+                or (part == "trunk" and features.dim() != 5)):
             raise ValueError(f"features {tuple(features.shape)} do not fit {views} views of {n} images")
         return entry
     except Exception as exc:  # truncated writes, foreign files, older formats: all are just recomputed
@@ -282,6 +297,7 @@ def cached_features(
     device: str = "cpu",
     cache_dir,
     progress: bool = True,
+    part: str = "pooled",
 ) -> FeatureSet:
     """Features of `split` ("train" or "valid") of `splits`, from the cache in `cache_dir` or computed and stored there.
 
@@ -293,17 +309,18 @@ def cached_features(
     precision = resolve_precision(precision, device)  # the key names what actually ran
     key = cache_key(
         backbone, splits, split, views=views, augment=augment, seed=seed,
-        image_size=image_size, decode_size=decode_size, precision=precision,
+        image_size=image_size, decode_size=decode_size, precision=precision, part=part,
     )
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     dataset = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(splits.name))
-    path = cache_dir / f"{dataset}_{split}_{backbone.name}_{'aug' if augment else 'eval'}{views}_{key[:16]}.pt"
+    stem = backbone.name if part == "pooled" else f"{backbone.name}-{part}"
+    path = cache_dir / f"{dataset}_{split}_{stem}_{'aug' if augment else 'eval'}{views}_{key[:16]}.pt"
     seconds = {"decode": 0.0, "extract": 0.0, "load_cache": 0.0}
 
     if path.exists():
         start = time.perf_counter()
-        entry = _read_cache(path, key, backbone, views)
+        entry = _read_cache(path, key, backbone, views, part)
         seconds["load_cache"] = time.perf_counter() - start
         if entry is not None:
             return FeatureSet(
@@ -322,7 +339,7 @@ def cached_features(
     start = time.perf_counter()
     features = extract(
         backbone, images, views=views, augment=augment, seed=seed, device=device, precision=precision,
-        progress=progress, desc=f"{splits.name}/{split} {backbone.name}", image_size=image_size,
+        progress=progress, desc=f"{splits.name}/{split} {stem}", image_size=image_size, part=part,
     )
     seconds["extract"] = time.perf_counter() - start
 

@@ -31,6 +31,8 @@ def grid_commands(out: Path, plots: Path) -> list[list[str]]:
         ["--dataset", "all", "--train-fraction", FRACTIONS, *common],
         ["--dataset", "covid", "--drop-duplicates", *common],
         ["--dataset", "weather", "--drop-duplicates", *common],
+        # The last two stages of the backbone train too (8 epochs), on cached trunk outputs.
+        ["--dataset", "all", "--mode", "finetune", "--unfreeze", "last", *common],
     ]
 
 

@@ -24,6 +24,7 @@ from lossbank import get_loss_info, list_losses
 
 from . import backbones as bb
 from . import data
+from . import distributed
 from . import features as feats
 from .train import TrainConfig, build_classifier, feature_batches, fit, frozen_copy
 
@@ -96,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--views", type=int, default=5, help="frozen: augmented views per train image in the cache (default 5)")
     train.add_argument("--image-size", type=int, default=224, help="network input size (default 224)")
     train.add_argument("--decode-size", type=int, default=256, help="images are decoded once to this square size (default 256)")
-    train.add_argument("--precision", choices=list(feats.PRECISIONS), default="auto",
+    train.add_argument("--precision", choices=[*feats.PRECISIONS, "fp64"], default="auto",
                        help="auto (default): bf16 autocast where the device has native bf16 (CUDA, AVX-512-BF16/AMX CPUs), "
-                            "else fp32; channels_last either way")
+                            "else fp32; channels_last either way. fp64: train in float64 on fp32 features, slow: "
+                            "for checking numerics (the test that torchrun matches one process uses it)")
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default results/)")
@@ -158,7 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("out", "plots", "cache_dir", "data_dir"):
         if getattr(args, name) is not None:
             setattr(args, name, Path(getattr(args, name)).expanduser())
-    args.precision = feats.resolve_precision(args.precision, args.device)
+    if args.precision != "fp64":
+        args.precision = feats.resolve_precision(args.precision, args.device)
     args.plots = args.plots or args.out / "plots"
     try:
         index, count = (int(v) for v in args.shard.split("/"))
@@ -260,7 +263,12 @@ def run_dataset(args, splits: data.DatasetSplits, label: str, backbone: bb.Backb
                 return {"dataset": label, "backbone": backbone.name, "mode": args.mode, "loss": loss,
                         "seed": seed, "train_fraction": fraction}
 
-            teacher_needed = "distillation" in losses and not record_path(args.out, key_of("distillation")).exists()
+            # Across processes every one must make the same choices: they all look at the
+            # disk once, before the main process writes anything of this group.
+            distributed.barrier(args.ctx)
+            on_disk = {loss: record_path(args.out, key_of(loss)).exists() for loss in [*losses, args.teacher]}
+            teacher_saved = record_path(args.out, key_of(args.teacher)).with_suffix(".pt").exists()
+            teacher_needed = "distillation" in losses and not on_disk["distillation"]
             order = [args.teacher] + [n for n in losses if n != args.teacher] if teacher_needed else losses
             teacher_model = None
             for loss in order:
@@ -268,40 +276,53 @@ def run_dataset(args, splits: data.DatasetSplits, label: str, backbone: bb.Backb
                 path = record_path(args.out, key)
                 is_teacher = teacher_needed and loss == args.teacher
                 recorded = loss in losses
-                if path.exists() and recorded:
+                if on_disk[loss] and recorded:
                     recorded = False  # already on disk: at most the teacher's model is still wanted
                     if not is_teacher:
                         continue
-                if is_teacher and path.with_suffix(".pt").exists():
+                if is_teacher and teacher_saved:
                     teacher_model = load_model(args, inputs(), splits, backbone, loss, seed, fraction, path)
                     continue
                 if loss == "distillation" and teacher_model is None:
                     record = {**key, "status": "failed", "failed_epoch": 0, "history": [],
                               "failure": f"its teacher ({args.teacher}) failed to train", "command": command,
                               "signature": run_signature(args, backbone.weights_hash)}
-                    write_json_atomically(record, path)
+                    if args.ctx.main:
+                        write_json_atomically(record, path)
                     continue
                 t0 = time.perf_counter()
                 record, model = train_run(args, inputs(), splits, backbone, key, command, progress,
                                           teacher=teacher_model if loss == "distillation" else None)
                 timer.add(f"train:{loss}", time.perf_counter() - t0)
-                if recorded:
+                if recorded and args.ctx.main:
                     write_json_atomically(record, path)
                     (tqdm.write if progress else print)(_summary_line(key, record))
                 if is_teacher and record["status"] == "ok":
                     teacher_model = frozen_copy(model)
-                    save_model_atomically(model, path.with_suffix(".pt"))
+                    if args.ctx.main:
+                        save_model_atomically(teacher_model, path.with_suffix(".pt"))
 
 
 def prepare_inputs(args, splits, label, backbone, timer, progress) -> dict:
-    """Frozen: cached features of train (augmented views) and valid. Finetune: decoded images in memory."""
+    """Cached features of train (augmented views) and valid: pooled ones for frozen, the backbone's trunk
+    for finetune of the last stages. Finetune of all stages: decoded images in memory."""
     t0 = time.perf_counter()
-    if args.mode == "frozen":
-        common = dict(image_size=args.image_size, decode_size=args.decode_size, precision=args.precision,
-                      device=args.device, cache_dir=args.cache_dir, progress=progress)
-        train = feats.cached_features(backbone, splits, "train", views=args.views, augment=True, seed=0, **common)
-        valid = feats.cached_features(backbone, splits, "valid", views=1, augment=False, **common)
-        inputs = {"train_x": train.features, "train_y": train.labels, "valid_x": valid.features[0], "valid_y": valid.labels,
+    if args.mode == "frozen" or args.unfreeze == "last":
+        common = dict(image_size=args.image_size, decode_size=args.decode_size,
+                      precision="fp32" if args.precision == "fp64" else args.precision,
+                      device=args.device, cache_dir=args.cache_dir, progress=progress,
+                      part="pooled" if args.mode == "frozen" else "trunk")
+
+        def cached():
+            return (feats.cached_features(backbone, splits, "train", views=args.views, augment=True, seed=0, **common),
+                    feats.cached_features(backbone, splits, "valid", views=1, augment=False, **common))
+
+        if not args.ctx.main:
+            distributed.barrier(args.ctx)  # the main process computes and writes the cache; then the others read it
+        train, valid = cached()
+        if args.ctx.main:
+            distributed.barrier(args.ctx)
+        inputs = {"train_x": train.features, "train_y": train.labels, "valid_x": valid.features[0] if args.mode == "frozen" else valid.features, "valid_y": valid.labels,
                   "bad_files": train.bad_files + valid.bad_files, "cache_hit": train.cache_hit and valid.cache_hit,
                   "seconds": {k: train.seconds.get(k, 0) + valid.seconds.get(k, 0) for k in train.seconds}}
     else:
@@ -340,36 +361,61 @@ def _make_model(args, inputs, splits, backbone, loss, seed, fraction):
         net = copy.deepcopy(backbone)
         backbone_params = net.unfreeze(args.unfreeze)
         net.model.to(memory_format=torch.channels_last)
-        model = build_classifier(loss, net.num_features, len(splits.classes), counts, config, backbone=net.model)
+        # unfreeze last: the inputs are the cached trunk outputs, and only the tail runs here
+        cached = args.unfreeze == "last"
+        model = build_classifier(loss, net.num_features, len(splits.classes), counts, config,
+                                 backbone=net.split()[1] if cached else net.model, context=args.ctx)
         head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         groups = [{"params": head_params}, {"params": backbone_params, "lr_scale": BACKBONE_LR_SCALE}]
-        train_batches = image_batches(args, net, inputs["train_x"][subset], train_y, seed, augment=True)
-        valid_batches = lambda: image_batches(args, net, inputs["valid_x"], inputs["valid_y"], seed, augment=False)(0)  # noqa: E731
+        train_x = inputs["train_x"][:, subset] if cached else inputs["train_x"][subset]
+        train_batches = finetune_batches(args, net, train_x, train_y, seed, train=True, cached=cached)
+        valid_batches = lambda: finetune_batches(args, net, inputs["valid_x"], inputs["valid_y"], seed,  # noqa: E731
+                                                 train=False, cached=cached)(0)
 
         def train_mode():
             model.train()
             net.train_mode()
-    return model.to(args.device), groups, train_batches, valid_batches, train_mode, config, counts, len(subset)
+    dtype = torch.float64 if args.precision == "fp64" else torch.float32
+    return model.to(args.device, dtype), groups, train_batches, valid_batches, train_mode, config, counts, len(subset)
 
 
-def image_batches(args, net, images, labels, seed, augment):
+def finetune_batches(args, net, inputs, labels, seed, *, train: bool, cached: bool):
+    """epoch -> (this process's inputs, the global batch's target) for each global batch.
+
+    ``inputs`` are cached trunk outputs (views, N, C, H, W), each epoch picking a view per
+    image, or decoded images (N, 3, S, S), each augmented with its own generator. Either
+    way the random choices depend on (seed, epoch, image) only, never on which process
+    handles the image.
+    """
+    n = len(labels)
 
     def epoch_batches(epoch):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(labels), generator=g) if augment else torch.arange(len(labels))
-        for start in range(0, len(order), args.batch_size):
-            idx = order[start:start + args.batch_size]
-            if augment and len(idx) < 2:
+        epoch_seed = seed * 100_003 + epoch
+        if cached:
+            views = inputs.shape[0]
+            view = (torch.randint(0, views, (n,), generator=torch.Generator().manual_seed(epoch_seed))
+                    if train else torch.zeros(n, dtype=torch.long))
+        for local, rows in distributed.batch_indices(n, args.batch_size, args.ctx, shuffle=train, seed=seed, epoch=epoch):
+            if train and len(rows) < 2:  # a batch of one breaks BatchNorm in the MLP: skip it (other epochs see it)
                 continue
-            batch = images[idx].to(args.device)
-            batch = feats.train_view(batch, args.image_size, g) if augment else feats.eval_view(batch, args.image_size)
-            yield feats.normalise(batch, net).contiguous(memory_format=torch.channels_last), labels[idx]
+            if cached:
+                x = inputs[view[local], local].to(args.device)
+            else:
+                images = inputs[local].to(args.device)
+                if train:
+                    images = torch.cat([feats.train_view(images[j:j + 1], args.image_size,
+                                                         torch.Generator().manual_seed(epoch_seed * 1_000_003 + int(i)))
+                                        for j, i in enumerate(local)])
+                else:
+                    images = feats.eval_view(images, args.image_size)
+                x = feats.normalise(images, net)
+            yield x.contiguous(memory_format=torch.channels_last), labels[rows].to(args.device)
 
     return epoch_batches
 
 
 def load_model(args, inputs, splits, backbone, loss, seed, fraction, path):
-    model = _make_model(args, inputs, splits, backbone, loss, seed, fraction)[0]
+    model = _make_model(args, inputs, splits, backbone, loss, seed, fraction)[0]  # not yet wrapped in DDP
     model.load_state_dict(torch.load(path.with_suffix(".pt"), map_location=args.device, weights_only=True))
     return frozen_copy(model)
 
@@ -380,6 +426,9 @@ def train_run(args, inputs, splits, backbone, key, command, progress, teacher=No
     lr = config.lr_for(key["loss"])
     for g in groups:
         g["lr"] = lr * g.pop("lr_scale", 1.0)
+    if args.ctx.distributed:
+        local = [args.ctx.local_rank] if args.device_type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=local)
     bar = tqdm(total=config.epochs, desc=f"{key['dataset']} {key['loss']} seed {key['seed']}", unit="epoch",
                disable=not progress, leave=False)
 
@@ -428,6 +477,29 @@ def check_finished_runs_agree(args, labels: list[str], weights_hash: str) -> Non
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if distributed.launched_by_torchrun() and args.mode != "finetune":
+        print("error: torchrun trains one fine-tuning run across processes (--mode finetune); frozen runs take "
+              "seconds each: split their grid across jobs with --shard I/N instead", file=sys.stderr)
+        return 2
+    args.ctx = distributed.init_from_env(args.device_type)
+    if args.ctx.distributed and args.device_type == "cuda":
+        args.device = f"cuda:{args.ctx.local_rank}"
+    if args.batch_size % args.ctx.world:
+        print(f"error: --batch-size {args.batch_size} must be a multiple of the number of processes "
+              f"({args.ctx.world}): it is the global batch, split evenly between them", file=sys.stderr)
+        distributed.shutdown(args.ctx)
+        return 2
+    try:
+        return _main(args, argv)
+    finally:
+        distributed.shutdown(args.ctx)
+
+
+def _main(args, argv) -> int:
+    main_process = args.ctx.main
+    args.no_progress = args.no_progress or not main_process
+    say = print if main_process else (lambda *a, **k: None)
+    # The command needs no torchrun to reproduce a run: the history is the same for any number of processes.
     command = "python -m evaluation.run " + " ".join(shlex.quote(a) for a in argv)
     start = time.perf_counter()
     timer = Timer()
@@ -445,26 +517,28 @@ def main(argv=None) -> int:
                 splits = data.load_dataset(name, data_root=args.data_root, data_dir=args.data_dir,
                                            drop_duplicates=args.drop_duplicates)
             for w in caught:
-                print(f"warning: {w.message}", file=sys.stderr)
+                say(f"warning: {w.message}", file=sys.stderr)
             datasets.append((splits, dataset_label(splits.name, args.drop_duplicates)))
     except data.DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     # Frozen runs whose features are cached never need the network itself: build it lazily.
-    backbone = bb.LazyBackbone(args.backbone, args.weights)
+    backbone = bb.LazyBackbone(args.backbone, args.weights, **({} if main_process else {"memo": None}))
     if args.mode == "finetune":
         backbone = backbone.build()
     timer.add("backbone", time.perf_counter() - t0)
     check_finished_runs_agree(args, [label for _, label in datasets], backbone.weights_hash)
-    print(f"# {command}")
-    print(f"# backbone {backbone.name} (weights {args.weights}, hash {backbone.weights_hash}), mode {args.mode}, "
-          f"device {args.device}, {len(args.losses)} losses x seeds {args.seeds} x fractions {args.train_fraction}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    say(f"# {command}")
+    say(f"# backbone {backbone.name} (weights {args.weights}, hash {backbone.weights_hash}), mode {args.mode}, "
+        f"device {args.device}, {len(args.losses)} losses x seeds {args.seeds} x fractions {args.train_fraction}"
+        + (f", {args.ctx.world} processes ({torch.distributed.get_backend()})" if args.ctx.distributed else ""))
     grid = [{"dataset": label, "backbone": backbone.name, "mode": args.mode, "loss": loss, "seed": seed,
              "train_fraction": fraction}
             for _, label in datasets for fraction in args.train_fraction for seed in args.seeds for loss in args.losses]
-    write_json_atomically(grid, args.out / "grid.json")
+    if main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(grid, args.out / "grid.json")
     # A distillation run needs its teacher from the same (dataset, fraction, seed), so shards
     # are made of whole groups, dealt out in a fixed order: every job computes the same split.
     groups = [(label, fraction, seed) for _, label in datasets for fraction in args.train_fraction for seed in args.seeds]
@@ -472,6 +546,8 @@ def main(argv=None) -> int:
     for splits, label in datasets:
         if any(g[0] == label for g in args.my_groups):
             run_dataset(args, splits, label, backbone, timer, command)
+    if not main_process:
+        return 0
     from . import report  # pandas and matplotlib load only once there is something to report
 
     t0 = time.perf_counter()

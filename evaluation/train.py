@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from lossbank import HeadOutput, MarginAwareHead, get_loss_info
 
+from .distributed import SINGLE, Context, gather_rows
+
 # Learning rates (AdamW) per loss where the shared default does not suit it. The cosine
 # loss saturates on small logits and wants larger steps; the bounded probability losses
 # (L1, L2) have small gradients far from the target. These are starting points, not the
@@ -57,37 +59,49 @@ class Classifier(nn.Module):
     ``standardise`` centres frozen features with the training mean and std: pooled CNN
     features are all non-negative, which crowds them into one orthant and hurts the
     angle-based margin losses.
+
+    Under torchrun (``context`` with more than one process) ``inputs`` are this process's
+    rows of the global batch and ``target`` is the whole global batch's: the backbone's
+    features are gathered before the MLP, so everything after the backbone sees the
+    global batch (see evaluation/distributed.py).
     """
 
     def __init__(self, head: MarginAwareHead, *, backbone: nn.Module | None = None, in_features: int,
-                 hidden: int = 0, dropout: float = 0.0, mean: Tensor | None = None, std: Tensor | None = None):
+                 hidden: int = 0, dropout: float = 0.0, mean: Tensor | None = None, std: Tensor | None = None,
+                 context: Context = SINGLE):
         super().__init__()
         self.backbone = backbone
+        self.context = context
         self.register_buffer("mean", mean if mean is not None else torch.zeros(in_features))
         self.register_buffer("std", std if std is not None else torch.ones(in_features))
         layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
         if hidden:
-            layers += [nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+            # No bias before BatchNorm, which subtracts the mean anyway: its gradient would be
+            # rounding noise, which AdamW scales up to full-size steps.
+            layers += [nn.Linear(in_features, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU()]
         self.neck = nn.Sequential(*layers)
         self.head = head
 
-    def features(self, inputs: Tensor) -> Tensor:
-        x = self.backbone(inputs) if self.backbone is not None else inputs
-        return self.neck((x.float() - self.mean) / self.std)
-
     def forward(self, inputs: Tensor, target: Tensor | None = None, teacher_logits: Tensor | None = None) -> HeadOutput:
-        return self.head(self.features(inputs), target, teacher_logits)
+        dtype = self.mean.dtype  # float64 for a model in double precision; inputs arrive as float32
+        x = self.backbone(inputs.to(dtype)) if self.backbone is not None else inputs
+        if self.context.distributed:
+            if target is None:
+                raise ValueError("a model trained across processes needs the global batch's target to gather its rows")
+            x = gather_rows(x, len(target), self.context)
+        return self.head(self.neck((x.to(dtype) - self.mean) / self.std), target, teacher_logits)
 
 
 def build_classifier(loss: str, in_features: int, num_classes: int, class_counts: list[int], config: TrainConfig,
-                     *, backbone: nn.Module | None = None, mean: Tensor | None = None, std: Tensor | None = None) -> Classifier:
+                     *, backbone: nn.Module | None = None, mean: Tensor | None = None, std: Tensor | None = None,
+                     context: Context = SINGLE) -> Classifier:
     kwargs = dict(config.loss_kwargs)
     if get_loss_info(loss).needs_class_counts:
         kwargs.setdefault("class_counts", class_counts)
     width = config.hidden or in_features
     head = MarginAwareHead(width, num_classes, loss, **kwargs)
     return Classifier(head, backbone=backbone, in_features=in_features, hidden=config.hidden,
-                      dropout=config.dropout, mean=mean, std=std)
+                      dropout=config.dropout, mean=mean, std=std, context=context)
 
 
 # ---------------------------------------------------------------- metrics
@@ -134,6 +148,11 @@ def _autocast(device: str, enabled: bool):
     return torch.autocast(device_type=device, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+def _full(logits: Tensor) -> Tensor:
+    """bf16 autocast output in float32; float32 and float64 as they are."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], optimiser: torch.optim.Optimizer,
                     *, device: str = "cpu", teacher: nn.Module | None = None, amp: bool = False,
                     train_mode: Callable[[], None] | None = None) -> dict:
@@ -149,7 +168,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
         teacher_logits = None
         if teacher is not None:
             with torch.no_grad(), _autocast(device, amp):
-                teacher_logits = teacher(inputs).logits.float()
+                # with the target: across processes the teacher gathers its rows like the student
+                teacher_logits = _full(teacher(inputs, target).logits)
         with _autocast(device, amp):
             out = model(inputs, target, teacher_logits)
         if not torch.isfinite(out.loss):
@@ -173,7 +193,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_cla
     for inputs, target in batches:
         inputs, target = inputs.to(device), target.to(device)
         with _autocast(device, amp):
-            teacher_logits = teacher(inputs).logits.float() if teacher is not None else None
+            teacher_logits = _full(teacher(inputs, target).logits) if teacher is not None else None
             out = model(inputs, target, teacher_logits)
         total_loss += out.loss.item() * target.shape[0]
         seen += target.shape[0]
@@ -217,7 +237,8 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches
     best_loss, best_epoch, best_top1, waited = math.inf, 0, 0.0, 0
     status, failed_epoch, failure = "ok", None, None
     start = time.perf_counter()
-    criterion = model.head.criterion if hasattr(model, "head") else None
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    criterion = inner.head.criterion if hasattr(inner, "head") else None
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         train = train_one_epoch(model, train_batches(epoch), optimiser, device=device, teacher=teacher, amp=amp,
@@ -253,7 +274,7 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """An eval-mode, gradient-free copy: how a finished model serves as a distillation teacher."""
-    teacher = copy.deepcopy(model).eval()
+    teacher = copy.deepcopy(getattr(model, "module", model)).eval()  # unwrapped from DistributedDataParallel
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

@@ -238,19 +238,31 @@ def test_unfreeze_last_trains_only_the_last_stages(name, random_init):
     assert len(trainable) == len(names) and 0 < len(names) < len(list(model.parameters()))
 
     backbone.train_mode()
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.BatchNorm2d):
-            assert module.training == (module_name + ".").startswith(LAST[name]), module_name
-
-    # Frozen BatchNorm keeps its running statistics through a training step.
-    frozen_bn = next(m for n, m in model.named_modules()
-                     if isinstance(m, nn.BatchNorm2d) and not (n + ".").startswith(LAST[name]))
-    live_bn = [m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and (n + ".").startswith(LAST[name])][-1]
-    before_frozen, before_live = frozen_bn.running_mean.clone(), live_bn.running_mean.clone()
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    live = [m for n, m in bns.items() if (n + ".").startswith(LAST[name])]
+    # The trained stages are in train mode, but every BatchNorm keeps its running statistics...
+    assert any(m.training for n, m in model.named_modules() if n and (n + ".").startswith(LAST[name]))
+    assert live and not any(m.training for m in bns.values())
+    before = {n: m.running_mean.clone() for n, m in bns.items()}
     model(torch.randn(2, 3, 32, 32)).sum().backward()
-    assert torch.equal(frozen_bn.running_mean, before_frozen)
-    assert not torch.equal(live_bn.running_mean, before_live)
+    assert all(torch.equal(m.running_mean, before[n]) for n, m in bns.items())
+    # ...while the trained stages' BatchNorm scale and shift still learn.
+    assert all(m.weight.grad is not None and m.bias.grad is not None for m in live)
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(LAST[name]))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_split_into_trunk_and_tail_reproduces_the_model(name, random_init):
+    backbone = random_init(name)
+    trunk, tail = backbone.split()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tail(trunk(x)), backbone.model.eval()(x), rtol=1e-5, atol=1e-5)
+    # The tail holds exactly the stages unfreeze("last") trains, the trunk everything else.
+    tail_params = {id(p) for p in tail.parameters()}
+    last = {id(p) for n, p in backbone.model.named_parameters() if n.startswith(LAST[name])}
+    assert tail_params == last
+    assert len(tail_params) + len(list(trunk.parameters())) == len(list(backbone.model.parameters()))
 
 
 def test_unfreeze_all_and_none(random_init):
@@ -258,7 +270,9 @@ def test_unfreeze_all_and_none(random_init):
     every = list(backbone.model.parameters())
     assert len(backbone.unfreeze("all")) == len(every)
     backbone.train_mode()
-    assert all(m.training for m in backbone.model.modules())
+    modules = list(backbone.model.modules())
+    assert all(m.training for m in modules if isinstance(m, nn.Conv2d))
+    assert not any(m.training for m in modules if isinstance(m, nn.BatchNorm2d))
     assert backbone.unfreeze("none") == []
     backbone.train_mode()
     assert not any(m.training for m in backbone.model.modules())

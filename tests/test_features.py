@@ -259,6 +259,7 @@ def test_cache_key_changes_with_everything_that_changes_features(splits, monkeyp
         "decode_size": key_of(backbone, splits, decode_size=320),
         "precision": key_of(backbone, splits, precision="fp32"),
         "dataset": key_of(backbone, dataclasses.replace(splits, train=splits.train[:-1])),
+        "part": key_of(backbone, splits, part="trunk"),
     }
     monkeypatch.setattr(features, "TRANSFORM_VERSION", features.TRANSFORM_VERSION + 1)
     variants["transform"] = key_of(backbone, splits)
@@ -279,6 +280,22 @@ def test_changed_seed_or_views_is_a_cache_miss(splits, tmp_path):
     assert not torch.allclose(other_seed.features, base.features)
     assert more_views.features.shape == (3, 6, 8)
     assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_trunk_features_are_cached_apart_from_pooled_ones(splits, tmp_path):
+    backbone = dataclasses.replace(tiny_backbone(), last_stages=("2", "3", "4"))  # trunk: conv + batch norm
+    pooled = run(backbone, splits, tmp_path / "cache")
+    trunk = run(backbone, splits, tmp_path / "cache", part="trunk")
+    assert not trunk.cache_hit and trunk.features.shape == (2, 6, 8, 15, 15)
+    # Same views, so the tail applied to the cached trunk gives the pooled features.
+    _, tail = backbone.split()
+    with torch.no_grad():
+        torch.testing.assert_close(tail(trunk.features.flatten(0, 1)).view(2, 6, 8), pooled.features)
+    again = run(backbone, splits, tmp_path / "cache", part="trunk")
+    assert again.cache_hit and torch.equal(again.features, trunk.features)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    with pytest.raises(ValueError, match="part must be one of"):
+        extract(backbone, random_images(), part="head")
 
 
 def test_cached_features_rejects_a_bad_split(splits, tmp_path):

@@ -170,15 +170,19 @@ def test_finetune_mode_trains_the_last_stages(tmp_path):
     out = tmp_path / "out"
     assert run.main(["--data-dir", str(root), "--backbone", "efficientnet_lite0", "--mode", "finetune",
                      "--epochs", "2", "--batch-size", "4", "--losses", "am_softmax,distillation",
-                     "--no-progress", "--out", str(out)]) == 0
+                     "--no-progress", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     recs = records(out)
     for name in ("am_softmax/seed0-frac1", "distillation/seed0-frac1"):
         assert recs[name]["status"] == "ok" and recs[name]["mode"] == "finetune"
         assert len(recs[name]["history"]) == 2 and recs[name]["num_train"] == 8
         assert recs[name]["config"]["unfreeze"] == "last"
-    # The teacher of a finetuned distillation run is the whole finetuned network, saved beside its run.
+    # The teacher of a finetuned distillation run is the finetuned tail of the backbone and the head,
+    # saved beside its run; the frozen trunk is in the cache, as the trunk's outputs.
     teacher = torch.load(out / "runs/tiny/efficientnet_lite0-finetune/cross_entropy/seed0-frac1.pt", weights_only=True)
-    assert any(k.startswith("backbone.blocks.6") for k in teacher)
+    tail = backbones.create_backbone("efficientnet_lite0").split()[1]
+    assert {f"backbone.{k}" for k in tail.state_dict()} <= set(teacher) and "head.weight" in teacher
+    assert [p.name.split("_")[1:4] for p in sorted((tmp_path / "cache").iterdir())] == [
+        ["train", "efficientnet", "lite0-trunk"], ["valid", "efficientnet", "lite0-trunk"]]
 
 
 @pytest.mark.parametrize(
