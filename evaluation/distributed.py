@@ -71,6 +71,15 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
+def from_main(obj, ctx: Context):
+    """``obj`` as the main process has it, in every process (a picklable object)."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown(ctx: Context) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -38,6 +38,8 @@ examples:
   python -m evaluation.run --dataset covid --backbone efficientnet_lite0 --train-fraction 0.1,0.25
   # fine-tune the last two stages of the backbone
   python -m evaluation.run --dataset weather --backbone efficientnet_lite0 --mode finetune --unfreeze last --epochs 8
+  # one fine-tuning run on 4 processes (gloo on CPU, NCCL on GPUs): the same history as one process
+  torchrun --standalone --nproc-per-node=4 -m evaluation.run --dataset weather --backbone efficientnet_lite0 --mode finetune
   # your own images: DIR/train/<class>/*, DIR/valid/<class>/*  (or DIR/<class>/* with a seeded 80/20 split)
   python -m evaluation.run --data-dir ~/my_images --backbone efficientnet_lite0
 """
@@ -263,11 +265,11 @@ def run_dataset(args, splits: data.DatasetSplits, label: str, backbone: bb.Backb
                 return {"dataset": label, "backbone": backbone.name, "mode": args.mode, "loss": loss,
                         "seed": seed, "train_fraction": fraction}
 
-            # Across processes every one must make the same choices: they all look at the
-            # disk once, before the main process writes anything of this group.
-            distributed.barrier(args.ctx)
+            # Across processes every one must make the same choices: the main process looks at
+            # the disk (which other nodes may not share) and tells the others what it found.
             on_disk = {loss: record_path(args.out, key_of(loss)).exists() for loss in [*losses, args.teacher]}
             teacher_saved = record_path(args.out, key_of(args.teacher)).with_suffix(".pt").exists()
+            on_disk, teacher_saved = distributed.from_main((on_disk, teacher_saved), args.ctx)
             teacher_needed = "distillation" in losses and not on_disk["distillation"]
             order = [args.teacher] + [n for n in losses if n != args.teacher] if teacher_needed else losses
             teacher_model = None
@@ -416,7 +418,9 @@ def finetune_batches(args, net, inputs, labels, seed, *, train: bool, cached: bo
 
 def load_model(args, inputs, splits, backbone, loss, seed, fraction, path):
     model = _make_model(args, inputs, splits, backbone, loss, seed, fraction)[0]  # not yet wrapped in DDP
-    model.load_state_dict(torch.load(path.with_suffix(".pt"), map_location=args.device, weights_only=True))
+    # Read by the main process only: other nodes need not share --out.
+    state = torch.load(path.with_suffix(".pt"), map_location="cpu", weights_only=True) if args.ctx.main else None
+    model.load_state_dict(distributed.from_main(state, args.ctx))
     return frozen_copy(model)
 
 

@@ -106,7 +106,8 @@ def test_two_gloo_processes_give_the_single_process_history(tiny_folder, tmp_pat
 
 def test_a_killed_process_leaves_finished_runs_and_the_rerun_resumes(tiny_folder, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = ["--losses", "cross_entropy,l2,hinge", "--epochs", "12"]
+    # cross_entropy trains first (it is distillation's teacher): the rerun reloads it, on every process.
+    args = ["--losses", "cross_entropy,distillation,l2", "--epochs", "12"]
     job = subprocess.Popen(command(tiny_folder, out, cache, *args, processes=2), cwd=ROOT,
                            env={**os.environ, "OMP_NUM_THREADS": "1"},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -131,7 +132,7 @@ def test_a_killed_process_leaves_finished_runs_and_the_rerun_resumes(tiny_folder
 
     rerun = launch(command(tiny_folder, out, cache, *args, processes=2))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert {p.parent.name for p in (out / "runs").rglob("*.json")} == {"cross_entropy", "l2", "hinge"}
+    assert {p.parent.name for p in (out / "runs").rglob("*.json")} == {"cross_entropy", "distillation", "l2"}
     assert first.read_text() == finished  # resumed: the finished run was not trained again
     trained = [line for line in rerun.stdout.splitlines() if "frac 1: valid top-1" in line]
     assert len(trained) == 3 - len(done)
