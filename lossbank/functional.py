@@ -116,7 +116,14 @@ def _check_positive(value: float, name: str, allow_zero: bool = False) -> None:
 
 
 def _upcast(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.float() if x.dtype in _HALF else x
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _any_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
 def full_precision(fn):
@@ -124,6 +131,10 @@ def full_precision(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # Fast path (the usual float32 call, no autocast): entering autocast contexts costs
+        # more than a small loss itself.
+        if not _any_autocast() and not any(isinstance(a, Tensor) and a.dtype in _HALF for a in (*args, *kwargs.values())):
+            return fn(*args, **kwargs)
         args = [_upcast(a) if isinstance(a, Tensor) else a for a in args]
         kwargs = {k: _upcast(v) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         device_types = {a.device.type for a in args if isinstance(a, Tensor)} or {"cpu"}
@@ -379,51 +390,60 @@ def cosine_logits(features: Tensor, weight: Tensor, scale: float = 1.0) -> Tenso
     return cos * scale if scale != 1.0 else cos
 
 
+def _grad_logits(logp: Tensor, target: Tensor, idx: Tensor, grad_loss: Tensor, reduction: str, scale: float = 1.0) -> Tensor:
+    """d loss / d logits of cross-entropy given log-probabilities: (softmax − one-hot) · grad · ``scale``."""
+    if reduction == "none":
+        g = grad_loss[:, None] * scale
+        return logp.exp().mul_(g).scatter_add_(1, idx, g.neg())
+    g = grad_loss * (scale / logp.shape[0] if reduction == "mean" else scale)
+    return logp.exp().mul_(g).scatter_add_(1, idx, g.neg().expand(idx.shape))
+
+
 class _CosineMarginCE(torch.autograd.Function):
-    """Per-sample cross-entropy over s·cos θ_j with the target's cos θ_y replaced by t(cos θ_y).
+    """Cross-entropy over s·cos θ_j with the target's cos θ_y replaced by t(cos θ_y).
 
     AM-Softmax and ArcFace differ only in t. Forward and backward are written out so one
     training step costs little more than a linear layer + cross-entropy: the generic
     autograd graph of normalise → matmul → margin → cross-entropy walks the (batch, D)
-    features several times and dominated the step at few classes.
+    features several times and dominated the step at few classes. At few classes every
+    small operation (several µs each here) counts, so there are as few as the maths allows.
     """
 
     @staticmethod
-    def forward(ctx, features, weight, target, scale, target_fn):
-        # Every operation here and in backward costs several µs on a small batch, so the
-        # count is kept low: in-place where possible, no masks (a zero row of x or W
-        # multiplies its own correction term by zero anyway).
+    def forward(ctx, features, weight, target, scale, target_fn, reduction):
         idx = target[:, None]
-        rx = features.norm(dim=1).clamp_min_(_EPS).reciprocal_()
-        rw = weight.norm(dim=1).clamp_min_(_EPS).reciprocal_()
-        cos = torch.mm(features, weight.t()).mul_(rx[:, None]).mul_(rw)
+        rx = torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min_(_EPS).reciprocal_()
+        rw = torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min_(_EPS).reciprocal_()
+        unit_w = weight * rw
+        cos = torch.mm(features, unit_w.t()).mul_(rx)
         t, dt = target_fn(cos.gather(1, idx))
-        logits = (cos * scale).scatter_(1, idx, t.mul_(scale))
-        ctx.save_for_backward(features, weight, idx, rx, rw, cos, logits, dt)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(cos)
-        return F.cross_entropy(logits, target, reduction="none"), cos
+        plain = cos * scale  # margin-free logits, for prediction
+        logp = torch.log_softmax(plain.scatter(1, idx, t.mul_(scale)), dim=1)
+        ctx.save_for_backward(features, unit_w, target, rx, rw, cos, logp, dt)
+        ctx.scale, ctx.reduction = scale, reduction
+        ctx.mark_non_differentiable(plain)
+        return F.nll_loss(logp, target, reduction=reduction), plain
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_cos):
-        features, weight, idx, rx, rw, cos, logits, dt = ctx.saved_tensors
-        # d loss_i / d logit_ij = p_ij − [j = y_i]; the logits are s·cos, and t(cos) at the target.
-        grad_cos = torch.softmax(logits, dim=1).scatter_add_(1, idx, torch.full_like(rx[:, None], -1.0))
-        grad_cos.mul_(grad_loss[:, None] * ctx.scale)
+    def backward(ctx, grad_loss, _grad_plain):
+        features, unit_w, target, rx, rw, cos, logp, dt = ctx.saved_tensors
+        idx = target[:, None]
+        grad_cos = _grad_logits(logp, target, idx, grad_loss, ctx.reduction, ctx.scale)
         if dt is not None:
             grad_cos.scatter_(1, idx, grad_cos.gather(1, idx).mul_(dt))
-        # cos_ij = x_i·w_j · rx_i · rw_j with rx = 1/‖x‖: the product rule gives one matrix
-        # product per input and a correction along the input itself.
-        gc_cos = grad_cos * cos
-        scaled = grad_cos.mul_(rx[:, None]).mul_(rw)
+        # cos_ij = x_i·ŵ_j / ‖x_i‖ with ŵ_j = w_j / ‖w_j‖. The product rule gives one matrix
+        # product per input and a correction along the input itself:
+        #   dL/dx_i = (Σ_j g_ij ŵ_j − (Σ_j g_ij cos_ij) x_i / ‖x_i‖) / ‖x_i‖
+        #   dL/dw_j = (Σ_i g_ij x_i / ‖x_i‖ − (Σ_i g_ij cos_ij) ŵ_j) / ‖w_j‖
+        weighted = grad_cos * cos
+        grad_cos.mul_(rx)
         grad_features = grad_weight = None
         if ctx.needs_input_grad[0]:
-            coef = gc_cos.sum(1).mul_(rx).mul_(rx).neg_()
-            grad_features = torch.mm(scaled, weight).addcmul_(features, coef[:, None])
+            coef = weighted.sum(1, keepdim=True).mul_(rx).mul_(rx)
+            grad_features = torch.mm(grad_cos, unit_w).addcmul_(features, coef, value=-1.0)
         if ctx.needs_input_grad[1]:
-            coef = gc_cos.sum(0).mul_(rw).mul_(rw).neg_()
-            grad_weight = torch.mm(scaled.t(), features).addcmul_(weight, coef[:, None])
-        return grad_features, grad_weight, None, None, None
+            grad_weight = torch.mm(grad_cos.t(), features).addcmul_(unit_w, weighted.sum(0)[:, None], value=-1.0).mul_(rw)
+        return grad_features, grad_weight, None, None, None, None
 
 
 def am_softmax_target(margin: float):
@@ -438,22 +458,21 @@ def arcface_target(margin: float):
     cos_m, sin_m, threshold = math.cos(margin), math.sin(margin), math.cos(math.pi - margin)
 
     def target_fn(cos_y):
-        inside = (cos_y >= -1.0) & (cos_y <= 1.0)
-        c = cos_y.clamp(-1.0, 1.0)
-        # The floor keeps d sinθ/d cosθ finite when cos θ = ±1 exactly (its slope is then 0).
-        sin_sq = 1.0 - c * c
-        sin = sin_sq.clamp_min(_EPS).sqrt()
-        d_sin = torch.where(sin_sq > _EPS, -c / sin, 0.0)
-        arc = c * cos_m - sin * sin_m
-        d_arc = (cos_m - sin_m * d_sin) * inside
+        c = cos_y.clamp_(-1.0, 1.0)
+        sin_sq = torch.addcmul(torch.ones_like(c), c, c, value=-1.0)
+        sin = sin_sq.clamp_min(_EPS).sqrt_()
         use_arc = c > threshold
-        return torch.where(use_arc, arc, c - margin * sin_m), torch.where(use_arc, d_arc, inside.to(c.dtype))
+        # dt/dc = cos m + sin m · c / sin θ; at cos θ = ±1 exactly sin θ = 0 and the slope of sin θ is taken as 0.
+        d_arc = torch.where(sin_sq > _EPS, c / sin, 0.0).mul_(sin_m).add_(cos_m)
+        t = torch.where(use_arc, torch.add(c * cos_m, sin, alpha=-sin_m), c - margin * sin_m)
+        return t, torch.where(use_arc, d_arc, 1.0)
     return target_fn
 
 
-def cosine_margin_ce(features: Tensor, weight: Tensor, target: Tensor, scale: float, target_fn) -> tuple[Tensor, Tensor]:
-    """(per-sample loss, cos θ matrix) of a normalised margin loss; inputs already validated."""
-    return _CosineMarginCE.apply(features, weight, target, scale, target_fn)
+def cosine_margin_ce(features: Tensor, weight: Tensor, target: Tensor, scale: float, target_fn,
+                     reduction: str = "none") -> tuple[Tensor, Tensor]:
+    """(reduced loss, margin-free logits s·cos θ) of a normalised margin loss; inputs already validated."""
+    return _CosineMarginCE.apply(features, weight, target, scale, target_fn, reduction)
 
 
 @full_precision
@@ -470,7 +489,7 @@ def am_softmax_loss(
     _check_positive(scale, "scale")
     _check_positive(margin, "margin", allow_zero=True)
     target = _check_features_weight_target(features, weight, target)
-    return _reduce(cosine_margin_ce(features, weight, target, scale, am_softmax_target(margin))[0], reduction)
+    return cosine_margin_ce(features, weight, target, scale, am_softmax_target(margin), reduction)[0]
 
 
 def check_arcface_margin(margin) -> None:
@@ -496,7 +515,7 @@ def arcface_loss(
     _check_positive(scale, "scale")
     check_arcface_margin(margin)
     target = _check_features_weight_target(features, weight, target)
-    return _reduce(cosine_margin_ce(features, weight, target, scale, arcface_target(margin))[0], reduction)
+    return cosine_margin_ce(features, weight, target, scale, arcface_target(margin), reduction)[0]
 
 
 # ---------------------------------------------------------------- cosine loss

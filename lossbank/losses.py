@@ -300,8 +300,8 @@ class _NormalisedMargin(_Loss):
     def logits_and_loss(self, features: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(margin-free logits s·cos θ, loss) from one matrix product."""
         target = LF._check_features_weight_target(features, weight, target)
-        per_sample, cos = LF.cosine_margin_ce(features, weight, target, self.scale, self.target_fn())
-        return self.scale * cos, LF._reduce(per_sample, self.reduction)
+        value, logits = LF.cosine_margin_ce(features, weight, target, self.scale, self.target_fn(), self.reduction)
+        return logits, value
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, margin={self.margin}"
