@@ -4,7 +4,9 @@ For each backbone: valid top-1/top-3 from `python -m evaluation.run` (frozen, cr
 5 seeds; torchvision backbones use random initialisation when their ImageNet weights cannot be
 had here, and the table says so), parameter count, weights size in MB (float32 state_dict),
 CPU latency per image at batch 1 (median of 30, after 5 warm-ups), cold start (a fresh process:
-interpreter start, imports, building the network, one prediction) and that process's peak RSS.
+interpreter start, imports, building the network, one prediction) and that process's peak RSS;
+a last row measures the same process without any network (imports only), the baseline that
+cold start and peak RSS of each backbone should be read against.
 
     LOSSBANK_DATA=../shared/datasets .venv/bin/python benchmarks/bench_backbones.py
 """
@@ -33,6 +35,15 @@ with torch.inference_mode():
     x = features.normalise(features.eval_view(image, 224), backbone).contiguous(memory_format=torch.channels_last)
     backbone.model.to(memory_format=torch.channels_last)(x)
 print(time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+# The same process without any network: what torch and the harness's imports alone cost.
+BASELINE = """
+import resource, sys, time, torch
+from evaluation import backbones, features
+import timm, torchvision
+print(time.time() - float(sys.argv[1]), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
@@ -82,11 +93,19 @@ def main() -> None:
         rows.append({"backbone": name, "weights": weights, "top1_mean": summary.top1_mean, "top1_std": summary.top1_std,
                      "top3_mean": summary.top3_mean, "params_m": params / 1e6, "size_mb": size_mb,
                      "latency_ms": latency_ms(backbone), "cold_start_s": float(cold[0]), "peak_rss_mb": float(cold[1])})
+    base = subprocess.run([sys.executable, "-c", BASELINE, str(time.time())], capture_output=True, text=True,
+                          check=True).stdout.split()
+    rows.append({"backbone": "none (imports only)", "weights": "", "top1_mean": None, "top1_std": None,
+                 "top3_mean": None, "params_m": None, "size_mb": None, "latency_ms": None,
+                 "cold_start_s": float(base[0]), "peak_rss_mb": float(base[1])})
     args.json.write_text(json.dumps(rows, indent=1))
     print("| backbone | weights | top-1 (%) | top-3 (%) | params (M) | size (MB) | latency, batch 1 (ms) "
           "| cold start (s) | peak RSS (MB) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if r["top1_mean"] is None:
+            print(f"| {r['backbone']} | | | | | | | {r['cold_start_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+            continue
         weights = "ImageNet" if r["weights"] == "imagenet" else "**random init** (no weights offline)"
         print(f"| {r['backbone']} | {weights} | {100 * r['top1_mean']:.1f} ± {100 * r['top1_std']:.1f} | "
               f"{100 * r['top3_mean']:.1f} | {r['params_m']:.1f} | {r['size_mb']:.1f} | {r['latency_ms']:.1f} | "

@@ -47,18 +47,38 @@ def _pct(mean, std=None, ci=None) -> str:
     return text
 
 
-def _curve_reading(runs: list[dict], dataset: str, loss: str) -> tuple[float, float]:
-    """(valid − train loss at the last epoch, first epoch within 1 point of the run's best valid top-1), seed means."""
-    gaps, epochs = [], []
+def _curve_reading(runs: list[dict], dataset: str, mode: str, loss: str) -> dict:
+    """Seed means read off the full-data histories of one (dataset, mode, loss).
+
+    rise: how far the valid loss ended above its lowest epoch, relative to that lowest value
+    (over-fitting shows as a valid loss that turns up while the train loss keeps falling);
+    ratio: valid / train loss at the last epoch; epochs: the first epoch whose valid top-1
+    came within 1 point of the run's best.
+    """
+    rises, ratios, epochs = [], [], []
     for r in runs:
-        if r["dataset"] != dataset or r["loss"] != loss or r["train_fraction"] != 1.0 or r["status"] != "ok":
+        if (r["dataset"], r["mode"], r["loss"]) != (dataset, mode, loss) or r["train_fraction"] != 1.0 \
+                or r["status"] != "ok" or not r["history"]:
             continue
+        valid = [h["valid_loss"] for h in r["history"]]
         last = r["history"][-1]
-        gaps.append(last["valid_loss"] - last["train_loss"])
+        rises.append((valid[-1] - min(valid)) / abs(min(valid)) if min(valid) else 0.0)
+        ratios.append(last["valid_loss"] / last["train_loss"] if last["train_loss"] else math.nan)
         best = max(h["valid_top1"] for h in r["history"])
         epochs.append(next(h["epoch"] for h in r["history"] if h["valid_top1"] >= best - 0.01))
     mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
-    return mean(gaps), mean(epochs)
+    return {"rise": mean(rises), "ratio": mean(ratios), "epochs": mean(epochs)}
+
+
+def _plot(plots: Path, dataset: str, mode: str, kind: str) -> str:
+    """The plot's file name: qualified by backbone and mode once a dataset has runs in both modes."""
+    qualified = f"{dataset}_{BACKBONE}_{mode}_{kind}.png"
+    return qualified if (plots / qualified).exists() else f"{dataset}_{kind}.png"
+
+
+MODES = {"frozen": "frozen (head on cached features, 30 epochs)",
+         "finetune": "finetune (last two stages + head, 8 epochs)"}
+OVERFIT_RISE = 0.10  # a valid loss ending 10 % above its lowest epoch counts as over-fitting
 
 
 def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str]], seconds: float | None) -> None:
@@ -76,35 +96,90 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
     if seconds is not None:
         lines += [f"The last full `python -m evaluation.results` took {seconds / 60:.0f} min on the project's 2-core "
                   f"CPU; started with an empty results/ and feature cache, that is the time to regenerate everything.", ""]
-    lines += [f"Backbone **{BACKBONE}** (ImageNet weights, offline), mode **frozen** (the head, after a 256-wide "
-              f"MLP layer, trains on cached features), 5 seeds. Top-1, top-3 and macro-F1 are the valid values at the "
-              f"end of training, in %, as mean ± sample std over seeds and [95 % t-interval]. The published "
-              f"numbers are one run of a fine-tuned ResNet-50.", ""]
-    full = summary[(summary["train_fraction"] == 1.0) & (summary["mode"] == "frozen")]
+    lines += [f"Backbone **{BACKBONE}** (ImageNet weights, offline) in two modes: **frozen** (the head, after a "
+              f"256-wide MLP layer, trains on cached pooled features of 5 augmented views per image) and "
+              f"**finetune** (`--unfreeze last`: the backbone's last two stages train too, on cached outputs of "
+              f"the frozen trunk for the same 5 views; batch norm keeps its ImageNet statistics). Top-1, top-3 and "
+              f"macro-F1 are the valid values at the end of training, in %, as mean ± sample std over the seeds "
+              f"(the seeds column) and [95 % t-interval]. The published numbers are one run of a fine-tuned "
+              f"ResNet-50.", ""]
+    full = summary[summary["train_fraction"] == 1.0]
+
+    def cell(dataset, mode, loss):
+        row = full[(full["dataset"] == dataset) & (full["mode"] == mode) & (full["loss"] == loss)]
+        return row.iloc[0] if len(row) else None
+
+    lines += ["## Against the published comparison", "",
+              "The goal counts the better of the two modes per cell.", "",
+              "| loss | dataset | published | frozen | finetune | better mode ≥ published |",
+              "|---|---|---:|---:|---:|:---:|"]
+    reached = total = 0
+    for loss, published in PUBLISHED.items():
+        for dataset, value in published.items():
+            frozen, tuned = cell(dataset, "frozen", loss), cell(dataset, "finetune", loss)
+            present = [r for r in (frozen, tuned) if r is not None]
+            if not present:
+                continue
+            best = max(present, key=lambda r: r.top1_mean)
+            ok = 100 * best.top1_mean >= value
+            reached, total = reached + ok, total + 1
+            fmt = lambda r: "–" if r is None else f"{_pct(r.top1_mean, r.top1_std)} ({int(r.seeds)})"  # noqa: E731
+            lines.append(f"| {loss} | {dataset} | {value} % | {fmt(frozen)} | {fmt(tuned)} | "
+                         f"{'yes' if ok else '**no**'} ({best['mode']}) |")
+    lines += ["", f"{reached} of {total} cells reach the published value (seeds in brackets).", ""]
+
     for dataset in ("weather", "fruits", "covid"):
         part = full[full["dataset"] == dataset]
         if part.empty:
             continue
-        lines += [f"## {dataset} — {BACKBONE}, frozen", "",
-                  "| loss | top-1 | top-3 | macro-F1 | published top-1 | ≥ published |", "|---|---:|---:|---:|---:|:---:|"]
-        for row in part.itertuples(index=False):
-            published = PUBLISHED.get(row.loss, {}).get(dataset)
-            verdict = "–" if published is None else ("yes" if 100 * row.top1_mean >= published else "**no**")
-            lines.append(f"| {row.loss} | {_pct(row.top1_mean, row.top1_std, row.top1_ci95)} | "
-                         f"{_pct(row.top3_mean, row.top3_std)} | {_pct(row.f1_mean, row.f1_std)} | "
-                         f"{'–' if published is None else f'{published} %'} | {verdict} |")
-        lines += ["", f"![{dataset} loss curves](plots/{dataset}_loss_curves.png)", ""]
-        lines += ["Reading the curves (computed from the runs): valid − train loss at the last epoch "
-                  "(larger = more over-fitting, on each loss's own scale) and the first epoch at which valid "
-                  "top-1 came within 1 point of its best (smaller = faster); means over seeds.", "",
-                  "| loss | valid − train loss at the end | epochs to within 1 point of best |", "|---|---:|---:|"]
-        for loss in part["loss"]:
-            gap, epochs = _curve_reading(runs, dataset, loss)
-            lines.append(f"| {loss} | {gap:.3f} | {epochs:.1f} |")
+        modes = [m for m in MODES if m in set(part["mode"])]
+        lines += [f"## {dataset} — {BACKBONE}, {' and '.join(modes)}", "",
+                  "| loss | mode | seeds | top-1 | top-3 | macro-F1 | published top-1 | ≥ published |",
+                  "|---|---|---:|---:|---:|---:|---:|:---:|"]
+        for loss in dict.fromkeys(part["loss"]):
+            for mode in modes:
+                row = cell(dataset, mode, loss)
+                if row is None:
+                    continue
+                published = PUBLISHED.get(row.loss, {}).get(dataset)
+                verdict = "–" if published is None else ("yes" if 100 * row.top1_mean >= published else "**no**")
+                lines.append(f"| {row.loss} | {mode} | {int(row.seeds)} | {_pct(row.top1_mean, row.top1_std, row.top1_ci95)} | "
+                             f"{_pct(row.top3_mean, row.top3_std)} | {_pct(row.f1_mean, row.f1_std)} | "
+                             f"{'–' if published is None else f'{published} %'} | {verdict} |")
+        lines.append("")
+        for mode in modes:
+            lines += [f"![{dataset} loss curves, {mode}](plots/{_plot(plots, dataset, mode, 'loss_curves')})", ""]
+        lines += ["Reading the curves (computed from the runs, means over seeds): how far the valid loss ended "
+                  "above its lowest epoch (over-fitting: the valid loss turns up while the train loss keeps "
+                  "falling), valid / train loss at the last epoch, and the first epoch at which valid top-1 came "
+                  "within 1 point of its best (convergence).", "",
+                  "| loss | mode | valid loss above its minimum at the end | valid / train loss at the end | "
+                  "epochs to within 1 point of best |", "|---|---|---:|---:|---:|"]
+        readings = {}
+        for loss in dict.fromkeys(part["loss"]):
+            for mode in modes:
+                if cell(dataset, mode, loss) is None:
+                    continue
+                r = readings[loss, mode] = _curve_reading(runs, dataset, mode, loss)
+                lines.append(f"| {loss} | {mode} | {100 * r['rise']:.0f} % | {r['ratio']:.2f} | {r['epochs']:.1f} |")
+        lines.append("")
+        for mode in modes:
+            mine = {loss: r for (loss, m), r in readings.items() if m == mode}
+            over = [f"{loss} (+{100 * r['rise']:.0f} %)" for loss, r in sorted(mine.items(), key=lambda kv: -kv[1]["rise"])
+                    if r["rise"] >= OVERFIT_RISE]
+            above = [loss for loss, r in mine.items() if r["ratio"] > 1]
+            slow = sorted(mine.items(), key=lambda kv: -kv[1]["epochs"])[:2]
+            lines.append(
+                f"- **{mode}**: "
+                + (f"over-fitting (valid loss ended ≥ {100 * OVERFIT_RISE:.0f} % above its minimum): {', '.join(over)}; "
+                   if over else f"no loss's valid loss ended {100 * OVERFIT_RISE:.0f} % above its minimum; ")
+                + (f"valid loss above train loss at the end: {', '.join(above)}; " if above
+                   else "valid loss below train loss at the end for every loss (augmented train views are harder); ")
+                + "slowest to converge: " + ", ".join(f"{loss} ({r['epochs']:.1f} epochs)" for loss, r in slow) + ".")
         lines.append("")
 
     lines += ["## Limited data: valid top-1 against the fraction of train used", "",
-              "Stratified, seeded subsamples of train (the valid set is whole); mean ± std over 5 seeds.", ""]
+              "Frozen mode. Stratified, seeded subsamples of train (the valid set is whole); mean ± std over 5 seeds.", ""]
     fractions = sorted(summary["train_fraction"].unique(), reverse=True)
     frozen = summary[summary["mode"] == "frozen"]
     for dataset in ("weather", "fruits", "covid"):
@@ -119,18 +194,19 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
                 row = part[(part["loss"] == loss) & (part["train_fraction"] == f)]
                 cells.append(_pct(row.top1_mean.iloc[0], row.top1_std.iloc[0]) if len(row) else "–")
             lines.append(f"| {loss} | " + " | ".join(cells) + " |")
-        lines += ["", f"![{dataset} fraction study](plots/{dataset}_fraction_study.png)", ""]
+        lines += ["", f"![{dataset} fraction study](plots/{_plot(plots, dataset, 'frozen', 'fraction_study')})", ""]
 
+    frozen_full = full[full["mode"] == "frozen"]
     removed = {d: next((x for x in full[full["dataset"] == f"{d}-dedup"]["dropped"] if isinstance(x, str) and x), "")
                for d in ("covid", "weather")}
     lines += ["## Leakage and duplicates", "",
-              "`--drop-duplicates` removes byte-identical train images and valid images identical to a train "
-              "image. Removed (from the run records): " + "; ".join(f"{d}: {r}" for d, r in removed.items() if r) + ".",
+              "Frozen mode. `--drop-duplicates` removes byte-identical train images and valid images identical to "
+              "a train image. Removed (from the run records): " + "; ".join(f"{d}: {r}" for d, r in removed.items() if r) + ".",
               "", "| dataset | loss | published split | duplicates dropped |", "|---|---|---:|---:|"]
     for dataset in ("covid", "weather"):
-        for loss in dict.fromkeys(full[full["dataset"] == dataset]["loss"]):
-            a = full[(full["dataset"] == dataset) & (full["loss"] == loss)]
-            b = full[(full["dataset"] == f"{dataset}-dedup") & (full["loss"] == loss)]
+        for loss in dict.fromkeys(frozen_full[frozen_full["dataset"] == dataset]["loss"]):
+            a = frozen_full[(frozen_full["dataset"] == dataset) & (frozen_full["loss"] == loss)]
+            b = frozen_full[(frozen_full["dataset"] == f"{dataset}-dedup") & (frozen_full["loss"] == loss)]
             lines.append(f"| {dataset} | {loss} | {_pct(a.top1_mean.iloc[0], a.top1_std.iloc[0])} | "
                          f"{_pct(b.top1_mean.iloc[0], b.top1_std.iloc[0]) if len(b) else '–'} |")
     backbones_json = out / "backbones.json"
@@ -140,16 +216,31 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
                   "results/backbones.json). Torchvision's ImageNet weights cannot be downloaded here, so those "
                   "backbones ran from random initialisation and are marked so: their accuracy says nothing "
                   "about them pretrained. Latency is per image at batch 1 on this 2-core CPU (float32, "
-                  "channels_last, median of 30); cold start is a fresh process to its first prediction.", "",
+                  "channels_last, median of 30); cold start is a fresh process to its first prediction, and peak RSS "
+                  "that process's; the last row is the same process without a network (imports only), so most of "
+                  "the memory is torch itself.", "",
                   "| backbone | weights | top-1 (%) | top-3 (%) | params (M) | size (MB) | latency (ms) | "
                   "cold start (s) | peak RSS (MB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in json.loads(backbones_json.read_text()):
+            if r["top1_mean"] is None:  # the imports-only baseline
+                lines.append(f"| {r['backbone']} | | | | | | | {r['cold_start_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+                continue
             weights = "ImageNet" if r["weights"] == "imagenet" else "**random init**"
             lines.append(f"| {r['backbone']} | {weights} | {_pct(r['top1_mean'], r['top1_std'])} | "
                          f"{_pct(r['top3_mean'])} | {r['params_m']:.1f} | {r['size_mb']:.1f} | "
                          f"{r['latency_ms']:.1f} | {r['cold_start_s']:.1f} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "## Not yet here", "",
-              "- Fine-tuning (`--mode finetune --unfreeze last`) of every loss on the three datasets, 5 seeds.", ""]
+    short = [f"{r.dataset} {r.mode} {r.loss} ({int(r.seeds)})" for r in full.itertuples(index=False)
+             if r.seeds < len(SEEDS.split(","))]
+    tuned = set(full[full["mode"] == "finetune"]["dataset"])
+    untuned = [d for d in ("weather", "fruits", "covid") if d in set(full["dataset"]) and d not in tuned]
+    if short or untuned:
+        lines += ["", "## Not finished yet", ""]
+        if untuned:
+            lines.append(f"- No fine-tuning runs yet for {', '.join(untuned)}.")
+        if short:
+            lines.append(f"- Fewer than {len(SEEDS.split(','))} seeds (finished seeds in brackets): {'; '.join(short)}. "
+                         f"Rerunning `python -m evaluation.results` resumes the grid.")
+    lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
 
 

@@ -245,9 +245,12 @@ def test_results_md_is_generated_from_the_runs(tmp_path, cache_dir):
     summary = __import__("pandas").read_csv(out / "summary.csv")
     ce = summary[(summary["loss"] == "cross_entropy") & (summary["train_fraction"] == 1.0)].iloc[0]
     verdict = "yes" if 100 * ce.top1_mean >= 92 else "**no**"
-    assert f"| cross_entropy | {100 * ce.top1_mean:.1f} ± {100 * ce.top1_std:.1f}" in text
+    assert f"| cross_entropy | frozen | 2 | {100 * ce.top1_mean:.1f} ± {100 * ce.top1_std:.1f}" in text
     assert f"| 92 % | {verdict} |" in text
-    assert "| hinge |" in text and "### fruits" in text and "took 2 min" in text
+    assert f"| cross_entropy | fruits | 92 % | {100 * ce.top1_mean:.1f} ± {100 * ce.top1_std:.1f} (2) | – | {verdict} (frozen) |" in text
+    assert "| hinge | frozen |" in text and "### fruits" in text and "took 2 min" in text
+    assert "- **frozen**: " in text and "slowest to converge: " in text
+    assert "Fewer than 5 seeds" in text and "No fine-tuning runs yet for fruits" in text
     assert "python -m evaluation.run --dataset fruits" in text
 
 
