@@ -363,20 +363,88 @@ def l_softmax_loss(
     _check_margin_int(margin)
     _check_positive(lambda_, "lambda_", allow_zero=True)
     target = _check_features_weight_target(features, weight, target)
-    return l_softmax_from_product(*product_and_norms(features, weight), target, margin, lambda_, reduction)
+    return l_softmax_ce(features, weight, target, margin, lambda_, reduction)[0]
 
 
-def l_softmax_from_product(
-    logits: Tensor, x_norm: Tensor, w_norm: Tensor, target: Tensor, margin: int, lambda_: float, reduction: str
-) -> Tensor:
-    """L-Softmax given W x and the norms (validated inputs), so a head multiplies once."""
-    norm_product = x_norm * w_norm[target]
-    dot = logits.gather(1, target[:, None]).squeeze(1)
-    cos = dot / norm_product.clamp_min(_EPS)
-    psi = l_softmax_psi(cos, margin)
-    target_logit = (lambda_ * dot + norm_product * psi) / (1.0 + lambda_)
-    logits = logits.scatter(1, target[:, None], target_logit[:, None])
-    return F.cross_entropy(logits, target, reduction=reduction)
+def _psi_and_slope(c: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """ψ(θ) and dψ/d cos θ given c = cos θ in [−1, 1] (see ``l_softmax_psi``).
+
+    cos(mθ) = T_m(c) and d T_m / dc = m·U_{m−1}(c), Chebyshev polynomials of the first and
+    second kind by their recurrences; the piece k comes from c against cos(jπ/m).
+    """
+    if m == 1:
+        return c.clone(), torch.ones_like(c)
+    two_c = c * 2
+    t_prev, t_cur, u_prev, u_cur = torch.ones_like(c), c, torch.ones_like(c), two_c
+    for n in range(1, m):
+        t_prev, t_cur = t_cur, (two_c * t_cur).sub_(t_prev)
+        if n < m - 1:
+            u_prev, u_cur = u_cur, (two_c * u_cur).sub_(u_prev)
+    # piece = how many of cos((m−1)π/m) < ... < cos(π/m) lie below c; then k = m − 1 − piece
+    bounds, signs, offsets = _psi_tables(m, c.dtype, c.device)
+    piece = torch.bucketize(c, bounds)
+    sign = signs[piece]
+    return t_cur.mul_(sign).sub_(offsets[piece]), u_cur.mul_(sign * m)
+
+
+@functools.lru_cache(maxsize=None)
+def _psi_tables(m: int, dtype, device):
+    k = torch.arange(m - 1, -1, -1, dtype=torch.float64)  # k for piece = 0 .. m−1
+    bounds = torch.tensor([math.cos(j * math.pi / m) for j in range(m - 1, 0, -1)], dtype=dtype, device=device)
+    return bounds, (1.0 - 2.0 * (k % 2)).to(dtype=dtype, device=device), (2.0 * k).to(dtype=dtype, device=device)
+
+
+class _LSoftmaxCE(torch.autograd.Function):
+    """Cross-entropy over W x with the target logit (λ·W_y·x + ‖W_y‖‖x‖ψ(θ_y)) / (1 + λ), written out.
+
+    The target logit depends on the product d = W_y·x and on n = ‖W_y‖‖x‖ (cos θ_y = d / n),
+    so the gradient is the plain linear layer's with the target column rescaled by ∂/∂d,
+    plus ∂/∂n along x (and along W_y): one matrix product and one correction per input.
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, target, margin, lambda_, reduction):
+        idx = target[:, None]
+        x_norm = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+        w_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+        logits = torch.mm(features, weight.t())
+        dot = logits.gather(1, idx)
+        w_norm_y = w_norm.index_select(0, target)
+        norm_product = x_norm * w_norm_y
+        cos = (dot / norm_product.clamp_min(_EPS)).clamp_(-1.0, 1.0)
+        psi, slope = _psi_and_slope(cos, margin)
+        target_logit = norm_product * psi
+        if lambda_:
+            target_logit.add_(dot, alpha=lambda_).div_(1.0 + lambda_)
+        logp = torch.log_softmax(logits.scatter(1, idx, target_logit), dim=1)
+        ctx.save_for_backward(features, weight, target, x_norm, w_norm, w_norm_y, cos, psi, slope, logp)
+        ctx.lambda_, ctx.reduction = lambda_, reduction
+        ctx.mark_non_differentiable(logits)
+        return F.nll_loss(logp, target, reduction=reduction), logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_of_logits):
+        features, weight, target, x_norm, w_norm, w_norm_y, cos, psi, slope, logp = ctx.saved_tensors
+        idx, lam = target[:, None], ctx.lambda_
+        grad = _grad_logits(logp, target, idx, grad_loss, ctx.reduction)
+        grad_y = grad.gather(1, idx)
+        # ∂ target logit / ∂d = (λ + ψ'(c)) / (1 + λ); ∂ / ∂n = (ψ(c) − c·ψ'(c)) / (1 + λ)
+        grad.scatter_(1, idx, (slope + lam).mul_(grad_y).div_(1.0 + lam))
+        grad_n = torch.addcmul(psi, cos, slope, value=-1.0).mul_(grad_y).div_(1.0 + lam)
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # ∂n/∂x = ‖W_y‖ x / ‖x‖; a zero x has no direction and its correction is 0 · x.
+            grad_features = torch.mm(grad, weight).addcmul_(features, grad_n * w_norm_y / x_norm.clamp_min(_EPS))
+        if ctx.needs_input_grad[1]:
+            per_class = torch.zeros_like(w_norm).index_add_(0, target, grad_n * x_norm)
+            grad_weight = torch.mm(grad.t(), features).addcmul_(weight, per_class.div_(w_norm.clamp_min(_EPS)))
+        return grad_features, grad_weight, None, None, None, None
+
+
+def l_softmax_ce(features: Tensor, weight: Tensor, target: Tensor, margin: int, lambda_: float,
+                 reduction: str = "none") -> tuple[Tensor, Tensor]:
+    """(reduced L-Softmax loss, margin-free logits W x); inputs already validated."""
+    return _LSoftmaxCE.apply(features, weight, target, margin, float(lambda_), reduction)
 
 
 # ---------------------------------------------------------------- normalised margin losses

@@ -266,11 +266,10 @@ class LSoftmax(_Loss):
     def logits_and_loss(self, features: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(margin-free logits W x, loss) from one matrix product; advances λ's step when training."""
         target = LF._check_features_weight_target(features, weight, target)
-        logits, x_norm, w_norm = LF.product_and_norms(features, weight)
-        value = LF.l_softmax_from_product(logits, x_norm, w_norm, target, self.margin, self.current_lambda, self.reduction)
+        value, logits = LF.l_softmax_ce(features, weight, target, self.margin, self.current_lambda, self.reduction)
         if self.training:
             self.step += 1
-        return logits.detach(), value
+        return logits, value
 
     def extra_repr(self) -> str:
         return (
