@@ -104,6 +104,18 @@ def test_two_gloo_processes_give_the_single_process_history(tiny_folder, tmp_pat
     assert not list((tmp_path / "two").rglob("*.tmp"))
 
 
+def test_fine_tuning_every_stage_on_augmented_images_also_matches(tiny_folder, tmp_path):
+    # --unfreeze all trains on images, each augmented with a generator of its own (seed, epoch, image).
+    args = ["--losses", "am_softmax", "--epochs", "2", "--unfreeze", "all", "--precision", "fp64"]
+    single = launch(command(tiny_folder, tmp_path / "one", tmp_path / "cache", *args))
+    two = launch(command(tiny_folder, tmp_path / "two", tmp_path / "cache", *args, processes=2))
+    assert single.returncode == 0 and two.returncode == 0, (single.stderr + two.stderr)[-3000:]
+    one, both = histories(tmp_path / "one")["am_softmax"], histories(tmp_path / "two")["am_softmax"]
+    for a, b in zip(one, both, strict=True):
+        for metric in ("train_loss", "valid_loss", "valid_top1"):
+            assert b[metric] == pytest.approx(a[metric], rel=1e-5, abs=1e-5), (a["epoch"], metric)
+
+
 def test_a_killed_process_leaves_finished_runs_and_the_rerun_resumes(tiny_folder, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     # cross_entropy trains first (it is distillation's teacher): the rerun reloads it, on every process.
