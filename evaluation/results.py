@@ -174,8 +174,11 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
                 + (f"over-fitting (valid loss ended ≥ {100 * OVERFIT_RISE:.0f} % above its minimum): {', '.join(over)}; "
                    if over else f"no loss's valid loss ended {100 * OVERFIT_RISE:.0f} % above its minimum; ")
                 + (f"valid loss above train loss at the end: {', '.join(above)}; " if above
-                   else "valid loss below train loss at the end for every loss (augmented train views are harder); ")
+                   else "valid loss at or below train loss at the end for every loss; ")
                 + "slowest to converge: " + ", ".join(f"{loss} ({r['epochs']:.1f} epochs)" for loss, r in slow) + ".")
+        if any(loss == "l_softmax" for loss, _ in readings):
+            lines.append("- L-Softmax's loss itself changes while it trains: λ anneals from 1000 towards 0, which "
+                         "hardens the margin, so its valid loss rises for that reason too, not only from over-fitting.")
         lines.append("")
 
     lines += ["## Limited data: valid top-1 against the fraction of train used", "",
