@@ -25,8 +25,17 @@ import torch
 from evaluation import backbones as bb
 from evaluation import report, run
 
-COLD_START = """
-import resource, sys, time, torch
+# Peak RSS from /proc/self/status (VmHWM), which starts afresh at exec: getrusage's ru_maxrss
+# is kept across exec, so a child would report its parent's peak (this script's, 1.7-2.1 GB).
+PEAK_RSS = """
+def peak_rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+COLD_START = PEAK_RSS + """
+import sys, time, torch
 from evaluation import backbones, features
 t0 = float(sys.argv[3])
 backbone = backbones.create_backbone(sys.argv[1], sys.argv[2])
@@ -34,16 +43,16 @@ image = torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8)
 with torch.inference_mode():
     x = features.normalise(features.eval_view(image, 224), backbone).contiguous(memory_format=torch.channels_last)
     backbone.model.to(memory_format=torch.channels_last)(x)
-print(time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(time.time() - t0, peak_rss_mb())
 """
 
 
 # The same process without any network: what torch and the harness's imports alone cost.
-BASELINE = """
-import resource, sys, time, torch
+BASELINE = PEAK_RSS + """
+import sys, time, torch
 from evaluation import backbones, features
 import timm, torchvision
-print(time.time() - float(sys.argv[1]), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(time.time() - float(sys.argv[1]), peak_rss_mb())
 """
 
 
