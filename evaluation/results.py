@@ -96,6 +96,12 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
     if seconds is not None:
         lines += [f"The last full `python -m evaluation.results` took {seconds / 60:.0f} min on the project's 2-core "
                   f"CPU; started with an empty results/ and feature cache, that is the time to regenerate everything.", ""]
+    spent = {}
+    for r in runs:
+        n, total = spent.get(r["mode"], (0, 0.0))
+        spent[r["mode"]] = (n + 1, total + float(r.get("train_seconds") or 0.0))
+    lines += ["Training time in the run records (`train_seconds`, feature extraction not included): "
+              + "; ".join(f"{mode} {n} runs, {total / 60:.0f} min" for mode, (n, total) in spent.items()) + ".", ""]
     lines += [f"Backbone **{BACKBONE}** (ImageNet weights, offline) in two modes: **frozen** (the head, after a "
               f"256-wide MLP layer, trains on cached pooled features of 5 augmented views per image) and "
               f"**finetune** (`--unfreeze last`: the backbone's last two stages train too, on cached outputs of "
