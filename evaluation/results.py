@@ -238,8 +238,12 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
             lines.append(f"| {r['backbone']} | {weights} | {_pct(r['top1_mean'], r['top1_std'])} | "
                          f"{_pct(r['top3_mean'])} | {r['params_m']:.1f} | {r['size_mb']:.1f} | "
                          f"{r['latency_ms']:.1f} | {r['cold_start_s']:.1f} | {r['peak_rss_mb']:.0f} |")
-    short = [f"{r.dataset} {r.mode} {r.loss} ({int(r.seeds)})" for r in full.itertuples(index=False)
-             if r.seeds < len(SEEDS.split(","))]
+    groups: dict[tuple, list[str]] = {}
+    for r in full.itertuples(index=False):
+        if r.seeds < len(SEEDS.split(",")):
+            groups.setdefault((r.dataset, r.mode, int(r.seeds)), []).append(r.loss)
+    short = [f"{d} {m}: {len(losses)} losses ({n})" if len(losses) > 3 else f"{d} {m}: {', '.join(losses)} ({n})"
+             for (d, m, n), losses in groups.items()]
     tuned = set(full[full["mode"] == "finetune"]["dataset"])
     untuned = [d for d in ("weather", "fruits", "covid") if d in set(full["dataset"]) and d not in tuned]
     if short or untuned:
