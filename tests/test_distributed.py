@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from evaluation.distributed import Context, batch_indices
+from image_folders import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,17 +49,8 @@ def test_batch_size_must_split_evenly():
 # ---------------------------------------------------------------- torchrun end to end
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("tiny-images")
-    g = torch.Generator().manual_seed(0)
-    for c, colour in enumerate([(210, 50, 40), (40, 60, 210), (60, 190, 60)]):
-        for i in range(7):
-            folder = root / ("train" if i < 5 else "valid") / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            noise = torch.randint(0, 40, (48, 48, 3), generator=g, dtype=torch.uint8)
-            Image.fromarray((torch.tensor(colour, dtype=torch.uint8) + noise).numpy()).save(folder / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("tiny-images"), [(210, 50, 40), (40, 60, 210), (60, 190, 60)],
+                              per_class=7, train=5)
 
 
 def command(folder: Path, out: Path, cache: Path, *extra: str, processes: int = 0) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from evaluation import backbones, run
+from image_folders import write_image_folder
 from lossbank import register_loss
 from lossbank.registry import _REGISTRY
 
@@ -133,17 +134,8 @@ def test_nan_loss_is_recorded_as_failed_and_the_run_goes_on(tmp_path, cache_dir,
 
 
 def test_users_own_folder(tmp_path, cache_dir):
-    from PIL import Image
-
-    root = tmp_path / "mine"
-    g = torch.Generator().manual_seed(0)
-    for c, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
-        for i in range(10):
-            folder = root / ("train" if i < 7 else "val") / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            noise = torch.randint(0, 40, (48, 64, 3), generator=g, dtype=torch.uint8)
-            pixels = (torch.tensor(colour, dtype=torch.uint8) + noise).clamp(max=255).numpy()
-            Image.fromarray(pixels).save(folder / f"{i}.png")
+    root = write_image_folder(tmp_path / "mine", [(200, 30, 30), (30, 200, 30), (30, 30, 200)], per_class=10, train=7,
+                              valid="val", size=(48, 64))
     (root / "train" / "class1" / "broken.jpg").write_bytes(b"")  # undecodable: skipped, counted, never fatal
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="broken.jpg"):
@@ -157,16 +149,8 @@ def test_users_own_folder(tmp_path, cache_dir):
 
 
 def test_finetune_mode_trains_the_last_stages(tmp_path):
-    root = tmp_path / "tiny"
-    g = torch.Generator().manual_seed(1)
-    from PIL import Image
-
-    for c, colour in enumerate([(220, 40, 40), (40, 40, 220)]):
-        for i in range(6):
-            folder = root / ("train" if i < 4 else "valid") / f"c{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            noise = torch.randint(0, 30, (40, 40, 3), generator=g, dtype=torch.uint8)
-            Image.fromarray((torch.tensor(colour, dtype=torch.uint8) + noise).numpy()).save(folder / f"{i}.png")
+    root = write_image_folder(tmp_path / "tiny", [(220, 40, 40), (40, 40, 220)], per_class=6, train=4, prefix="c",
+                              size=(40, 40), noise=30, seed=1)
     out = tmp_path / "out"
     assert run.main(["--data-dir", str(root), "--backbone", "efficientnet_lite0", "--mode", "finetune",
                      "--epochs", "2", "--batch-size", "4", "--losses", "am_softmax,distillation",
