@@ -3,12 +3,16 @@ import json
 import sys
 from collections import defaultdict
 
+MARGIN = ("l_softmax", "am_softmax", "arcface")  # the losses with C++ kernels and a PyTorch fallback
+
 
 def main(path):
     runs = json.load(open(path))["benchmarks"]
     medians = defaultdict(dict)
     for b in runs:
         name = b["params"].get("name", "baseline: nn.Linear + F.cross_entropy")
+        if name in MARGIN:
+            name += f" ({b['params']['implementation']})"
         medians[name][b["params"]["num_classes"]] = b["stats"]["median"]
     sizes = sorted({c for row in medians.values() for c in row})
     base = medians["baseline: nn.Linear + F.cross_entropy"]

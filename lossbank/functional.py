@@ -158,6 +158,18 @@ class _autocast_off:
 
 
 # ---------------------------------------------------------------- shared by the margin losses
+try:  # the optional C++ kernels (lossbank/csrc/native.cpp), built by `pip install --no-build-isolation`
+    from . import _native
+except ImportError:
+    _native = None
+
+
+def _use_native(features: Tensor, weight: Tensor) -> bool:
+    """The C++ kernels cover float32/float64 CPU tensors; everything else takes the PyTorch path."""
+    return (_native is not None and features.device.type == "cpu" and weight.device.type == "cpu"
+            and features.dtype in (torch.float32, torch.float64) and weight.dtype == features.dtype)
+
+
 class _ProductAndNorms(torch.autograd.Function):
     """(x Wᵀ, ‖x‖ per row, ‖W‖ per row) with one fused backward.
 
@@ -444,6 +456,8 @@ class _LSoftmaxCE(torch.autograd.Function):
 def l_softmax_ce(features: Tensor, weight: Tensor, target: Tensor, margin: int, lambda_: float,
                  reduction: str = "none") -> tuple[Tensor, Tensor]:
     """(reduced L-Softmax loss, margin-free logits W x); inputs already validated."""
+    if _use_native(features, weight):
+        return tuple(_native.l_softmax_ce(features, weight, target, int(margin), float(lambda_), reduction))
     return _LSoftmaxCE.apply(features, weight, target, margin, float(lambda_), reduction)
 
 
@@ -537,9 +551,13 @@ def arcface_target(margin: float):
     return target_fn
 
 
-def cosine_margin_ce(features: Tensor, weight: Tensor, target: Tensor, scale: float, target_fn,
+def cosine_margin_ce(features: Tensor, weight: Tensor, target: Tensor, scale: float, margin: float, angular: bool,
                      reduction: str = "none") -> tuple[Tensor, Tensor]:
-    """(reduced loss, margin-free logits s·cos θ) of a normalised margin loss; inputs already validated."""
+    """(reduced loss, margin-free logits s·cos θ) of AM-Softmax (``angular=False``: cos θ_y − m) or
+    ArcFace (``angular=True``: cos(θ_y + m)); inputs already validated."""
+    if _use_native(features, weight):
+        return tuple(_native.cosine_margin_ce(features, weight, target, float(scale), float(margin), angular, reduction))
+    target_fn = arcface_target(margin) if angular else am_softmax_target(margin)
     return _CosineMarginCE.apply(features, weight, target, scale, target_fn, reduction)
 
 
@@ -557,7 +575,7 @@ def am_softmax_loss(
     _check_positive(scale, "scale")
     _check_positive(margin, "margin", allow_zero=True)
     target = _check_features_weight_target(features, weight, target)
-    return cosine_margin_ce(features, weight, target, scale, am_softmax_target(margin), reduction)[0]
+    return cosine_margin_ce(features, weight, target, scale, margin, False, reduction)[0]
 
 
 def check_arcface_margin(margin) -> None:
@@ -583,7 +601,7 @@ def arcface_loss(
     _check_positive(scale, "scale")
     check_arcface_margin(margin)
     target = _check_features_weight_target(features, weight, target)
-    return cosine_margin_ce(features, weight, target, scale, arcface_target(margin), reduction)[0]
+    return cosine_margin_ce(features, weight, target, scale, margin, True, reduction)[0]
 
 
 # ---------------------------------------------------------------- cosine loss

@@ -279,15 +279,13 @@ class LSoftmax(_Loss):
 
 
 class _NormalisedMargin(_Loss):
+    angular = False  # the margin's kind: on cos θ_y (AM-Softmax) or on the angle θ_y (ArcFace)
+
     def __init__(self, scale: float, margin: float, reduction: str):
         super().__init__(reduction)
         LF._check_positive(scale, "scale")
         LF._check_positive(margin, "margin", allow_zero=True)
         self.scale, self.margin = float(scale), float(margin)
-
-    def target_fn(self):
-        """t(cos θ_y) and its derivative: the margin, set by each subclass."""
-        raise NotImplementedError
 
     def logits(self, features: Tensor, weight: Tensor) -> Tensor:
         return LF.cosine_logits(features, weight, self.scale)
@@ -299,7 +297,7 @@ class _NormalisedMargin(_Loss):
     def logits_and_loss(self, features: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(margin-free logits s·cos θ, loss) from one matrix product."""
         target = LF._check_features_weight_target(features, weight, target)
-        value, logits = LF.cosine_margin_ce(features, weight, target, self.scale, self.target_fn(), self.reduction)
+        value, logits = LF.cosine_margin_ce(features, weight, target, self.scale, self.margin, self.angular, self.reduction)
         return logits, value
 
     def extra_repr(self) -> str:
@@ -329,9 +327,6 @@ class AMSoftmax(_NormalisedMargin):
     def __init__(self, scale: float = 30.0, margin: float = 0.35, reduction: str = "mean"):
         super().__init__(scale, margin, reduction)
 
-    def target_fn(self):
-        return LF.am_softmax_target(self.margin)
-
 
 @register_loss(
     "arcface",
@@ -355,12 +350,11 @@ class ArcFace(_NormalisedMargin):
     torch.Size([])
     """
 
+    angular = True
+
     def __init__(self, scale: float = 30.0, margin: float = 0.5, reduction: str = "mean"):
         super().__init__(scale, margin, reduction)
         LF.check_arcface_margin(margin)
-
-    def target_fn(self):
-        return LF.arcface_target(self.margin)
 
 
 @register_loss(

@@ -2,7 +2,9 @@
 
 Parametrised over ``list_losses()``: a newly registered loss is picked up by every test
 here; it only needs a reference in ``tests/references.py`` (the first test fails until
-it has one).
+it has one). Every test runs twice: with the margin losses' C++ kernels
+(lossbank/csrc/native.cpp) and with their PyTorch code, the fallback where the kernels
+are not built or the tensors are not float32/float64 on CPU.
 """
 from __future__ import annotations
 
@@ -24,6 +26,16 @@ import references as ref
 ALL = list_losses()
 MARGIN = [n for n in ALL if get_loss_info(n).input == "features"]
 C, D, N = 5, 7, 11
+
+
+@pytest.fixture(autouse=True, params=["native", "pytorch"])
+def implementation(request, monkeypatch):
+    if request.param == "pytorch":
+        monkeypatch.setattr(LF, "_native", None)
+    elif LF._native is None:
+        pytest.fail("lossbank's C++ kernels are not built: install with `pip install --no-build-isolation -e .` "
+                    "(needs a C++ compiler), as the README's set-up command does")
+    return request.param
 
 
 def loss_kwargs(name: str, num_classes: int = C) -> dict:
