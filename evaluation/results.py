@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 SEEDS = "0,1,2,3,4"
@@ -81,7 +82,24 @@ MODES = {"frozen": "frozen (head on cached features, 30 epochs)",
 OVERFIT_RISE = 0.10  # a valid loss ending 10 % above its lowest epoch counts as over-fitting
 
 
-def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str]], seconds: float | None) -> None:
+def _count_records(out: Path) -> int:
+    return sum(1 for _ in (out / "runs").glob("**/*.json")) if (out / "runs").is_dir() else 0
+
+
+def regeneration_time(ledger: list[dict]) -> str:
+    """What results/regeneration_log.json says about the time to regenerate everything."""
+    if (not ledger or ledger[0]["runs_before"] != 0 or not ledger[-1]["finished"]
+            or any(e["seconds"] is None for e in ledger)):
+        return ("No regeneration from an empty results/ has been timed to its end yet (`python -m evaluation.results` "
+                "logs each sitting in results/regeneration_log.json).")
+    minutes = sum(e["seconds"] for e in ledger) / 60
+    cache = "an empty" if ledger[0]["cache_entries_before"] == 0 else "a warm"
+    return (f"Regenerating everything from an empty results/ and {cache} feature cache took {minutes:.0f} min here "
+            f"(wall time of {len(ledger)} sitting{'s' if len(ledger) > 1 else ''} of `python -m evaluation.results` "
+            f"on the project's 2-core CPU, results/regeneration_log.json).")
+
+
+def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str]], ledger: list[dict]) -> None:
     import pandas as pd
 
     from . import report
@@ -93,9 +111,7 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
              "The runs behind it:", "", "```"]
     lines += ["python -m evaluation.run " + " ".join(c) for c in commands]
     lines += ["```", ""]
-    if seconds is not None:
-        lines += [f"The last full `python -m evaluation.results` took {seconds / 60:.0f} min on the project's 2-core "
-                  f"CPU; started with an empty results/ and feature cache, that is the time to regenerate everything.", ""]
+    lines += [regeneration_time(ledger), ""]
     spent = {}
     for r in runs:
         n, total = spent.get(r["mode"], (0, 0.0))
@@ -267,17 +283,34 @@ def main(argv=None) -> int:
     from . import run
 
     commands = grid_commands(args.out, args.plots)
-    start = time.perf_counter()
+    ledger_path = args.out / "regeneration_log.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else []
     if not args.report_only:
-        for command in commands:
-            code = run.main(command)
-            if code:
-                return code
-    timing_file = args.out / "regeneration_seconds.txt"
-    if not args.report_only:
-        timing_file.write_text(f"{time.perf_counter() - start:.0f}\n")
-    seconds = float(timing_file.read_text()) if timing_file.exists() else None
-    write_results_md(args.out, args.plots, args.results_md, commands, seconds)
+        # Each sitting is logged: their sum, from an empty results/ on, is the time a regeneration takes,
+        # however often it was resumed. A sitting killed too hard to log its end keeps seconds None.
+        before = _count_records(args.out)
+        cache_dir = run.DEFAULT_FEATURE_CACHE.expanduser()
+        entry = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs_before": before,
+                 "cache_entries_before": len(list(cache_dir.glob("*.pt"))) if cache_dir.is_dir() else 0}
+        if before == 0:
+            ledger = []  # an empty results/: a new regeneration starts
+        args.out.mkdir(parents=True, exist_ok=True)
+        ledger_path.write_text(json.dumps(ledger + [{**entry, "seconds": None, "finished": False}], indent=1) + "\n")
+        start, code, finished = time.perf_counter(), 0, False
+        try:
+            for command in commands:
+                code = run.main(command)
+                if code:
+                    break
+            finished = code == 0
+        finally:
+            entry.update(seconds=round(time.perf_counter() - start), runs_after=_count_records(args.out),
+                         finished=finished)
+            ledger_path.write_text(json.dumps(ledger + [entry], indent=1) + "\n")
+        if code:
+            return code
+        ledger.append(entry)
+    write_results_md(args.out, args.plots, args.results_md, commands, ledger)
     print(f"wrote {args.results_md}")
     return 0
 

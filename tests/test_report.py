@@ -377,3 +377,59 @@ def test_cli_as_module(tmp_path):
     assert "1 run(s) of" in proc.stdout and "fruits efficientnet_lite0 frozen hinge seed 7" in proc.stdout
     assert is_png(plots / "fruits_loss_curves.png")
     assert (tmp_path / "summary.csv").is_file() and str(tmp_path / "summary.csv") in proc.stdout
+
+
+def test_regeneration_sittings_are_logged_and_summed(tmp_path, monkeypatch):
+    """A killed `python -m evaluation.results` is logged too, and the resumed total counts every sitting."""
+    from evaluation import results, run
+
+    out = tmp_path / "results"
+    written = {}
+    monkeypatch.setattr(run, "DEFAULT_FEATURE_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(results, "write_results_md", lambda *a: written.update(ledger=a[-1]))
+    calls = []
+
+    def fake_run(command):  # one record per command; the second sitting is killed in its second command
+        calls.append(command)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        path = out / "runs" / f"r{len(calls)}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        return 0
+
+    monkeypatch.setattr(run, "main", fake_run)
+    assert results.main(["--out", str(out), "--results-md", str(tmp_path / "R.md")]) == 0
+    first = json.loads((out / "regeneration_log.json").read_text())
+    assert [(e["runs_before"], e["runs_after"], e["finished"]) for e in first] == [(0, 4, True)]
+    assert "Regenerating everything from an empty results/ and an empty feature cache took 0 min" in \
+        results.regeneration_time(first)
+
+    # A regeneration that starts from an empty results/ again forgets the old log; kill it half-way.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "x.pt").write_text("")
+    for f in (out / "runs").iterdir():
+        f.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        results.main(["--out", str(out), "--results-md", str(tmp_path / "R.md")])
+    killed = json.loads((out / "regeneration_log.json").read_text())
+    assert [(e["runs_before"], e["runs_after"], e["finished"]) for e in killed] == [(0, 1, False)]
+    assert results.regeneration_time(killed).startswith("No regeneration from an empty results/ has been timed")
+
+    calls.append(None)  # the resumed sitting runs all four commands without being killed
+    assert results.main(["--out", str(out), "--results-md", str(tmp_path / "R.md")]) == 0
+    resumed = json.loads((out / "regeneration_log.json").read_text())
+    assert [(e["runs_before"], e["finished"]) for e in resumed] == [(0, False), (1, True)]
+    assert written["ledger"] == resumed
+    assert "a warm feature cache" in results.regeneration_time(resumed)
+    assert "2 sittings" in results.regeneration_time(resumed)
+
+
+def test_regeneration_with_an_unlogged_sitting_is_not_timed():
+    from evaluation import results
+
+    ledger = [{"runs_before": 0, "cache_entries_before": 0, "seconds": None, "finished": False},
+              {"runs_before": 3, "cache_entries_before": 2, "seconds": 60, "finished": True}]
+    assert results.regeneration_time(ledger).startswith("No regeneration")
+    ledger[0]["seconds"] = 120
+    assert "took 3 min here (wall time of 2 sittings" in results.regeneration_time(ledger)
