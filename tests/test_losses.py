@@ -221,6 +221,20 @@ def test_head_gradients_finite_for_zero_features(name):
 
 
 # ---------------------------------------------------------------- reduced precision
+@pytest.mark.parametrize("name", MARGIN)
+def test_native_kernels_run_where_they_apply(name, implementation):
+    """float32/float64 on CPU take the C++ kernels when built (also under autocast, which upcasts first)."""
+    inputs, target = make_inputs(name, dtype=torch.float32)
+    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+    loss = lossbank.create_loss(name)
+    expected = "CppNode" if implementation == "native" else "CEBackward"  # _CosineMarginCE / _LSoftmaxCE
+    assert expected in call(loss, inputs, target).grad_fn.name()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert expected in call(loss, inputs, target).grad_fn.name()
+    half = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in inputs.items()}
+    assert expected in call(loss, half, target).grad_fn.name()
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_bf16_autocast_close_to_float32(name):
     torch.manual_seed(0)
