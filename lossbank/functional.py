@@ -412,6 +412,7 @@ class _LSoftmaxCE(torch.autograd.Function):
     The target logit depends on the product d = W_y·x and on n = ‖W_y‖‖x‖ (cos θ_y = d / n),
     so the gradient is the plain linear layer's with the target column rescaled by ∂/∂d,
     plus ∂/∂n along x (and along W_y): one matrix product and one correction per input.
+    The PyTorch path; ``LSoftmaxCE`` in csrc/native.cpp is its C++ counterpart on CPU.
     """
 
     @staticmethod
@@ -484,11 +485,11 @@ def _grad_logits(logp: Tensor, target: Tensor, idx: Tensor, grad_loss: Tensor, r
 class _CosineMarginCE(torch.autograd.Function):
     """Cross-entropy over s·cos θ_j with the target's cos θ_y replaced by t(cos θ_y).
 
-    AM-Softmax and ArcFace differ only in t. Forward and backward are written out so one
-    training step costs little more than a linear layer + cross-entropy: the generic
-    autograd graph of normalise → matmul → margin → cross-entropy walks the (batch, D)
-    features several times and dominated the step at few classes. At few classes every
-    small operation (several µs each here) counts, so there are as few as the maths allows.
+    AM-Softmax and ArcFace differ only in t. Forward and backward are written out: the
+    generic autograd graph of normalise → matmul → margin → cross-entropy walks the
+    (batch, D) features several times. This is the PyTorch path (GPU, or where the C++
+    kernels were not built); on CPU, ``CosineMarginCE`` in csrc/native.cpp does the same
+    maths without the per-operation dispatch cost that dominates at few classes.
     """
 
     @staticmethod
