@@ -224,7 +224,8 @@ def test_results_md_is_generated_from_the_runs(tmp_path, cache_dir):
                      "--train-fraction", "1.0,0.5", "--out", str(out), "--plots", str(plots),
                      "--cache-dir", str(cache_dir)]) == 0
     path = tmp_path / "RESULTS.md"
-    results.write_results_md(out, plots, path, [["--dataset", "fruits"]], seconds=120.0)
+    ledger = [{"runs_before": 0, "cache_entries_before": 0, "seconds": 120, "finished": True}]
+    results.write_results_md(out, plots, path, [["--dataset", "fruits"]], ledger)
     text = path.read_text()
     summary = __import__("pandas").read_csv(out / "summary.csv")
     ce = summary[(summary["loss"] == "cross_entropy") & (summary["train_fraction"] == 1.0)].iloc[0]
