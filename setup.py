@@ -3,7 +3,7 @@
 The kernels need torch's headers at build time, so build with the environment's torch:
 ``pip install --no-build-isolation -e .``. Without torch in the build environment, or
 without a C++ compiler, lossbank installs without them and uses its pure-PyTorch code,
-which gives the same results (tests/test_native.py), only slower at few classes.
+which gives the same results (tests/test_losses.py runs every test on both), only slower at few classes.
 """
 from setuptools import setup
 

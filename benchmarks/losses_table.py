@@ -3,15 +3,18 @@ import json
 import sys
 from collections import defaultdict
 
-MARGIN = ("l_softmax", "am_softmax", "arcface")  # the losses with C++ kernels and a PyTorch fallback
-
 
 def main(path):
     runs = json.load(open(path))["benchmarks"]
     medians = defaultdict(dict)
+    # losses timed in more than one implementation (the margin losses: C++ kernels and PyTorch) get it named
+    implementations = defaultdict(set)
+    for b in runs:
+        if "name" in b["params"]:
+            implementations[b["params"]["name"]].add(b["params"]["implementation"])
     for b in runs:
         name = b["params"].get("name", "baseline: nn.Linear + F.cross_entropy")
-        if name in MARGIN:
+        if len(implementations.get(name, ())) > 1:
             name += f" ({b['params']['implementation']})"
         medians[name][b["params"]["num_classes"]] = b["stats"]["median"]
     sizes = sorted({c for row in medians.values() for c in row})

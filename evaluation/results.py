@@ -99,14 +99,14 @@ def regeneration_time(ledger: list[dict]) -> str:
             f"on the project's 2-core CPU, results/regeneration_log.json).")
 
 
-def _shortfalls(short: list, runs: list[dict]) -> list[str]:
+def _shortfalls(cells: list, runs: list[dict]) -> list[str]:
     """Where the better mode stays below the published value: what was tried, and how far off it is."""
     lines = ["### Where we fall short", "",
              "Tried for each of these cells: the frozen backbone and fine-tuning its last two stages (both in the "
              "table above), every seed of each. For scale, the best single seed, and what picking each seed's best "
              "epoch on the valid set itself would give (optimistic: our numbers are the last epoch's, as nothing "
              "here selects on the valid set):", ""]
-    for loss, dataset, value, row in short:
+    for loss, dataset, value, row in cells:
         mine = [r for r in runs if r["dataset"] == dataset and r["loss"] == loss and r["mode"] == row["mode"]
                 and float(r["train_fraction"]) == 1.0 and r["status"] == "ok"]
         if not mine:
@@ -159,7 +159,7 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
               "| loss | dataset | published | frozen | finetune | better mode ≥ published |",
               "|---|---|---:|---:|---:|:---:|"]
     reached = total = 0
-    short = []
+    shortfalls = []
     for loss, published in PUBLISHED.items():
         for dataset, value in published.items():
             frozen, tuned = cell(dataset, "frozen", loss), cell(dataset, "finetune", loss)
@@ -170,13 +170,13 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
             ok = 100 * best.top1_mean >= value
             reached, total = reached + ok, total + 1
             if not ok:
-                short.append((loss, dataset, value, best))
+                shortfalls.append((loss, dataset, value, best))
             fmt = lambda r: "–" if r is None else f"{_pct(r.top1_mean, r.top1_std)} ({int(r.seeds)})"  # noqa: E731
             lines.append(f"| {loss} | {dataset} | {value} % | {fmt(frozen)} | {fmt(tuned)} | "
                          f"{'yes' if ok else '**no**'} ({best['mode']}) |")
     lines += ["", f"{reached} of {total} cells reach the published value (seeds in brackets).", ""]
-    if short:
-        lines += _shortfalls(short, runs)
+    if shortfalls:
+        lines += _shortfalls(shortfalls, runs)
 
     for dataset in ("weather", "fruits", "covid"):
         part = full[full["dataset"] == dataset]
