@@ -2,12 +2,21 @@
 
 Batch 256, feature dim 512, C = 4 and C = 1000, float32 on CPU; the baseline is a plain
 nn.Linear + F.cross_entropy of the same size. The margin losses run their C++ kernels
-(lossbank/csrc/native.cpp) and, as "<name> (pytorch)", their PyTorch fallback. Run
-(prints the table with ratios):
+(lossbank/csrc/native.cpp) and, as "<name> (pytorch)", their PyTorch fallback.
+
+Each round times one baseline step and then one loss step, and the ratio reported is the
+median over rounds of (loss step / baseline step right before it). On a shared machine the
+speed drifts over seconds; pairing puts both steps under the same drift, where timing each
+loss in its own block let the drift land on single cells. The baseline row is paired with
+a second, identical baseline: its ratio shows what the pairing itself costs (ideally 1.00).
+Run (prints the table):
 
     .venv/bin/python -m pytest benchmarks/bench_losses.py --benchmark-only \
         --benchmark-json=.benchmarks/losses.json -q && .venv/bin/python benchmarks/losses_table.py .benchmarks/losses.json
 """
+import statistics
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +25,9 @@ from lossbank import MarginAwareHead, get_loss_info, list_losses
 from lossbank import functional as LF
 
 BATCH, DIM = 256, 512
+# about 2 s of paired steps per loss and size
+ROUNDS = {4: 2000, 1000: 200}
+WARMUP = 20
 
 
 def _inputs(num_classes):
@@ -25,16 +37,36 @@ def _inputs(num_classes):
     return features, target
 
 
+def _linear_cross_entropy(features, target, num_classes):
+    linear = nn.Linear(DIM, num_classes)
+    return lambda: nn.functional.cross_entropy(linear(features), target).backward()
+
+
+def _paired(benchmark, step, baseline, num_classes):
+    """Time `step` with pytest-benchmark, each round right after one timed `baseline` step."""
+    baseline_times = []
+
+    def timed_baseline():
+        start = time.perf_counter()
+        baseline()
+        baseline_times.append(time.perf_counter() - start)
+
+    benchmark.group = f"C={num_classes}"
+    benchmark.pedantic(step, setup=timed_baseline, rounds=ROUNDS[num_classes], warmup_rounds=WARMUP)
+    if benchmark.stats is None:  # --benchmark-disable: the step ran once, nothing to report
+        return
+    step_times = benchmark.stats.stats.data
+    baseline_times = baseline_times[WARMUP:]
+    assert len(step_times) == len(baseline_times)
+    benchmark.extra_info["baseline_median"] = statistics.median(baseline_times)
+    benchmark.extra_info["paired_ratio"] = statistics.median(s / b for s, b in zip(step_times, baseline_times))
+
+
 @pytest.mark.parametrize("num_classes", [4, 1000])
 def test_baseline_linear_cross_entropy(benchmark, num_classes):
-    benchmark.group = f"C={num_classes}"
-    linear = nn.Linear(DIM, num_classes)
     features, target = _inputs(num_classes)
-
-    def step():
-        nn.functional.cross_entropy(linear(features), target).backward()
-
-    benchmark(step)
+    _paired(benchmark, _linear_cross_entropy(features, target, num_classes),
+            _linear_cross_entropy(features, target, num_classes), num_classes)
 
 
 MARGIN = [n for n in list_losses() if get_loss_info(n).input == "features"]
@@ -44,7 +76,6 @@ CASES = [(n, "native" if n in MARGIN else "pytorch") for n in list_losses()] + [
 @pytest.mark.parametrize("num_classes", [4, 1000])
 @pytest.mark.parametrize("name,implementation", CASES)
 def test_head_and_loss(benchmark, name, implementation, num_classes, monkeypatch):
-    benchmark.group = f"C={num_classes}"
     if implementation == "pytorch":
         monkeypatch.setattr(LF, "_native", None)
     elif LF._native is None:
@@ -57,4 +88,4 @@ def test_head_and_loss(benchmark, name, implementation, num_classes, monkeypatch
     def step():
         head(features, target, teacher_logits=teacher).loss.backward()
 
-    benchmark(step)
+    _paired(benchmark, step, _linear_cross_entropy(features, target, num_classes), num_classes)
