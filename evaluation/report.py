@@ -863,7 +863,24 @@ def _unchanged_plots(runs: list[dict], plots_dir: Path) -> list[Path] | None:
 
 
 def _stamp_plots(runs: list[dict], plots_dir: Path, plots: list[Path]) -> None:
+    """Record what was drawn, and delete what the last drawing made that this one no longer does.
+
+    A dataset's plots get backbone and mode in their names once it has runs in a second mode, so the
+    unqualified ones of the first mode would otherwise stay behind, stale, beside them. Only files listed
+    in the previous stamp are deleted: anything else in the folder is not ours.
+    """
     plots_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        before = json.loads((plots_dir / PLOTS_STAMP).read_text())["plots"]
+    except (OSError, ValueError, KeyError, TypeError):
+        before = []
+    if not isinstance(before, list):
+        before = []
+    drawn = {Path(p).name for p in plots}
+    for old in before:
+        name = Path(str(old)).name  # by name inside plots_dir: the stamp may have been written from another cwd
+        if name.endswith(".png") and name not in drawn:
+            (plots_dir / name).unlink(missing_ok=True)
     stamp = {"digest": _plots_digest(runs), "plots": [str(p) for p in plots]}
     (plots_dir / PLOTS_STAMP).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
 

@@ -283,6 +283,23 @@ def test_several_modes_get_own_sections_and_plot_files(tmp_path):
         report.plot_loss_curves(runs, "fruits", tmp_path / "p")
 
 
+def test_plots_of_a_first_mode_are_replaced_not_left_stale(tmp_path):
+    """The one-command regeneration runs frozen first, then finetune: the frozen-only plot names must go."""
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "mine.png").write_bytes(b"not drawn by the report")
+    frozen = [make_run("fruits", loss, s) for loss in ("cross_entropy", "hinge") for s in range(2)]
+    write_runs(tmp_path, frozen)
+    first = {p.name for p in report.write_report(tmp_path, plots)["plots"]}
+    assert "fruits_loss_curves.png" in first and (plots / "fruits_loss_curves.png").exists()
+    write_runs(tmp_path, frozen + [make_run("fruits", "hinge", s, mode="finetune") for s in range(2)])
+    second = {p.name for p in report.write_report(tmp_path, plots)["plots"]}
+    assert "fruits_efficientnet_lite0_finetune_loss_curves.png" in second
+    on_disk = {p.name for p in plots.glob("*.png")}
+    assert on_disk == second | {"mine.png"}
+    assert not first & on_disk
+
+
 # ---------------------------------------------------------------- plots, grid, timing
 
 def is_png(path):
