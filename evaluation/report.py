@@ -847,41 +847,34 @@ def _plots_digest(runs: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def _unchanged_plots(runs: list[dict], plots_dir: Path) -> list[Path] | None:
-    """The plots drawn last time from exactly these runs, if they are all still there; else None.
+def _read_stamp(plots_dir: Path) -> tuple[str | None, list[str]]:
+    """The digest and plot file names of the last drawing into ``plots_dir``; ``(None, [])`` if none is readable.
 
-    Drawing is most of the report's time; a rerun that finished no new run should not pay it again.
+    Names, not paths: the plots live directly in ``plots_dir``, and the stamp may have been written from
+    another working directory.
     """
     try:
         stamp = json.loads((plots_dir / PLOTS_STAMP).read_text())
-        plots = [Path(p) for p in stamp["plots"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if stamp.get("digest") != _plots_digest(runs) or not all(p.is_file() for p in plots):
-        return None
-    return plots
+        plots = stamp["plots"]
+        if not isinstance(plots, list):
+            return None, []
+        return stamp.get("digest"), [Path(str(p)).name for p in plots]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, []
 
 
-def _stamp_plots(runs: list[dict], plots_dir: Path, plots: list[Path]) -> None:
-    """Record what was drawn, and delete what the last drawing made that this one no longer does.
+def _stamp_plots(plots_dir: Path, digest: str, plots: list[Path], stale: set[str]) -> None:
+    """Record what was drawn, and delete ``stale``: what the last drawing made that this one no longer does.
 
     A dataset's plots get backbone and mode in their names once it has runs in a second mode, so the
-    unqualified ones of the first mode would otherwise stay behind, stale, beside them. Only files listed
-    in the previous stamp are deleted: anything else in the folder is not ours.
+    unqualified ones of the first mode would otherwise stay behind, stale, beside them. Only names from
+    the previous stamp are passed in: anything else in the folder is not ours.
     """
     plots_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        before = json.loads((plots_dir / PLOTS_STAMP).read_text())["plots"]
-    except (OSError, ValueError, KeyError, TypeError):
-        before = []
-    if not isinstance(before, list):
-        before = []
-    drawn = {Path(p).name for p in plots}
-    for old in before:
-        name = Path(str(old)).name  # by name inside plots_dir: the stamp may have been written from another cwd
-        if name.endswith(".png") and name not in drawn:
+    for name in stale:
+        if name.endswith(".png"):
             (plots_dir / name).unlink(missing_ok=True)
-    stamp = {"digest": _plots_digest(runs), "plots": [str(p) for p in plots]}
+    stamp = {"digest": digest, "plots": [str(p) for p in plots]}
     (plots_dir / PLOTS_STAMP).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
 
 
@@ -914,9 +907,11 @@ def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list
 
     summary = summarise(runs)
     tables = write_tables(summary, out_dir)
-    plots = _unchanged_plots(runs, plots_dir)
-    redraw = plots is None
-    plots = plots or []
+    # Drawing is most of the report's time: a rerun that finished no new run reuses the last drawing.
+    digest = _plots_digest(runs)
+    stamped_digest, stamped = _read_stamp(plots_dir)
+    redraw = stamped_digest != digest or not all((plots_dir / name).is_file() for name in stamped)
+    plots = [] if redraw else [plots_dir / name for name in stamped]
     for dataset in dict.fromkeys(summary["dataset"]) if redraw else ():
         ds_runs = [r for r in runs if r["dataset"] == dataset]
         for backbone, mode in _combos(summary[summary["dataset"] == dataset]):
@@ -928,7 +923,7 @@ def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list
             if fraction_plot is not None:
                 plots.append(fraction_plot)
     if redraw:
-        _stamp_plots(runs, plots_dir, plots)
+        _stamp_plots(plots_dir, digest, plots, stale=set(stamped) - {Path(p).name for p in plots})
 
     if timing is not None:
         sections = dict(timing["sections"])
