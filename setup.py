@@ -11,7 +11,9 @@ ext_modules, cmdclass = [], {}
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError:
-    print("lossbank: torch is not importable at build time; installing without the native kernels")
+    # pip shows this only with -v; lossbank itself warns on first use (lossbank.has_native_kernels()).
+    print("lossbank: torch is not importable at build time; installing without the native kernels "
+          "(install torch first, then pip install --no-build-isolation .)")
 else:
     ext_modules = [CppExtension("lossbank._native", ["lossbank/csrc/native.cpp"], extra_compile_args=["-O3"], optional=True)]
     cmdclass = {"build_ext": BuildExtension}

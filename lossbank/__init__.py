@@ -7,6 +7,7 @@
 >>> out.loss.backward()
 """
 from . import functional
+from .functional import has_native_kernels
 from .head import HeadOutput, MarginAwareHead
 from .losses import (
     AMSoftmax,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "has_native_kernels",
     "HeadOutput",
     "MarginAwareHead",
     "AMSoftmax",

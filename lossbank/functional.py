@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -97,14 +98,24 @@ def _check_logits_target(logits: Tensor, target: Tensor, name: str = "logits") -
     return check_target(target, logits.shape[0], logits.shape[1])
 
 
-def _check_features_weight_target(features: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+def _check_features_weight(features: Tensor, weight: Tensor) -> None:
     _check_matrix(features, "features", "(batch, feature_dim)")
     _check_matrix(weight, "weight", "(num_classes, feature_dim)")
-    if features.shape[1] != weight.shape[1]:
+    dim = features.shape[1]
+    if weight.shape[1] != dim:
+        # A square (D, D) weight cannot be told from its transpose; any other (D, C) can.
+        hint = (f"weight looks transposed: expected (num_classes, feature_dim) = (?, {dim}), got {tuple(weight.shape)}; "
+                f"pass weight.t()" if weight.shape[0] == dim else f"weight must be (num_classes, {dim})")
+        raise ValueError(f"features has feature_dim {dim} but weight has shape {tuple(weight.shape)}; {hint}")
+    if features.dtype != weight.dtype:
         raise ValueError(
-            f"features has feature_dim {features.shape[1]} but weight has shape {tuple(weight.shape)}; "
-            f"weight must be (num_classes, {features.shape[1]})"
+            f"features has dtype {features.dtype} but weight has dtype {weight.dtype}; pass both in one dtype, "
+            f"e.g. features.to({weight.dtype}) (float16/bfloat16 mix with float32: they are upcast)"
         )
+
+
+def _check_features_weight_target(features: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    _check_features_weight(features, weight)
     return check_target(target, features.shape[0], weight.shape[0])
 
 
@@ -160,14 +171,47 @@ class _autocast_off:
 # ---------------------------------------------------------------- shared by the margin losses
 try:  # the optional C++ kernels (lossbank/csrc/native.cpp), built by `pip install --no-build-isolation`
     from . import _native
-except ImportError:
+    _native_missing = None
+except ImportError as error:
     _native = None
+    _native_missing = str(error)
+
+
+def has_native_kernels() -> bool:
+    """Whether the margin losses' C++ kernels (CPU, float32/float64) were built and load.
+
+    Without them L-Softmax, AM-Softmax and ArcFace give the same results from their
+    PyTorch code, slower at few classes. ``pip install .`` builds none (torch is not
+    importable in pip's isolated build); ``pip install --no-build-isolation .`` with a
+    C++ compiler does.
+
+    >>> import lossbank
+    >>> isinstance(lossbank.has_native_kernels(), bool)
+    True
+    """
+    return _native is not None
+
+
+def _warn_native_missing() -> None:
+    global _native_missing
+    warnings.warn(
+        "lossbank's C++ kernels of the margin losses were not built or do not load "
+        f"({_native_missing}); L-Softmax, AM-Softmax and ArcFace run their PyTorch code: same results, "
+        "slower at few classes. Reinstall with `pip install --no-build-isolation -e .` (needs a C++ compiler and "
+        "torch installed first); lossbank.has_native_kernels() tells whether they are in use."
+    )
+    _native_missing = None  # once per process
 
 
 def _use_native(features: Tensor, weight: Tensor) -> bool:
     """The C++ kernels cover float32/float64 CPU tensors; everything else takes the PyTorch path."""
-    return (_native is not None and features.device.type == "cpu" and weight.device.type == "cpu"
-            and features.dtype in (torch.float32, torch.float64) and weight.dtype == features.dtype)
+    applies = (features.device.type == "cpu" and weight.device.type == "cpu"
+               and features.dtype in (torch.float32, torch.float64) and weight.dtype == features.dtype)
+    if _native is None:
+        if applies and _native_missing is not None:
+            _warn_native_missing()
+        return False
+    return applies
 
 
 class _ProductAndNorms(torch.autograd.Function):
@@ -199,6 +243,33 @@ class _ProductAndNorms(torch.autograd.Function):
 def product_and_norms(features: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """x Wᵀ (batch, C), ‖x‖ (batch,) and ‖W_j‖ (C,), differentiable in both inputs."""
     return _ProductAndNorms.apply(features, weight)
+
+
+def _clamp_cos(c: Tensor) -> Tensor:
+    """cos θ clamped to [−1, 1], where rounding can push it out for parallel vectors.
+
+    Under autograd (a create_graph backward running the forward again) the gradient passes
+    the clamp unchanged, as in the written-out backwards: a clamp's zero gradient would drop
+    the margin's slope exactly where a feature and its class weight are parallel.
+    """
+    if c.requires_grad:
+        return c + (c.clamp(-1.0, 1.0) - c).detach()
+    return c.clamp_(-1.0, 1.0)
+
+
+def _gradients_with_graph(loss_of, features: Tensor, weight: Tensor, grad_loss: Tensor, needs_input_grad):
+    """d loss / d (features, weight) for a backward with create_graph=True, by autograd through ``loss_of``.
+
+    The written-out backwards compute from values saved by the forward, so what they return
+    cannot be differentiated again (a gradient penalty, a meta-gradient). Here autograd
+    records the forward anew from the inputs and differentiates it, keeping the graph. Only
+    a create_graph backward comes here; an ordinary one keeps the fused step.
+    """
+    wanted = [t for t, needed in zip((features, weight), needs_input_grad) if needed]
+    with torch.enable_grad():
+        loss = loss_of(features, weight)
+        grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True, materialize_grads=True))
+    return tuple(next(grads) if needed else None for needed in needs_input_grad[:2])
 
 
 # ---------------------------------------------------------------- losses on probabilities
@@ -259,12 +330,14 @@ def multiclass_hinge_loss(
 
 
 # ---------------------------------------------------------------- cross-entropy
-def _check_class_weight(weight: Tensor | None, num_classes: int, name: str = "weight") -> None:
+def _check_class_weight(weight: Tensor | None, num_classes: int | None = None, name: str = "weight") -> None:
+    """Class weights: 1-D, finite, non-negative, and of length ``num_classes`` where that is known."""
     if weight is None:
         return
-    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.shape[0] != num_classes:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"{name} must be a 1-D tensor of length num_classes={num_classes}; got {shape}")
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.shape[0] != (num_classes or weight.shape[0]):
+        shape = f"shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+        length = "with one weight per class" if num_classes is None else f"of length num_classes={num_classes}"
+        raise ValueError(f"{name} must be a 1-D tensor {length}; got {shape}")
     if bool((weight < 0).any()) or not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{name} must be finite and non-negative; got {weight.tolist()}")
 
@@ -347,14 +420,23 @@ def l_softmax_psi(cos_theta: Tensor, margin: int) -> Tensor:
     return sign * t_cur - 2 * k
 
 
-def l_softmax_lambda(step: int, base: float = 1000.0, gamma: float = 0.1, power: float = 2.0, lambda_min: float = 0.0) -> float:
-    """The authors' annealing: λ = max(λ_min, base · (1 + γ · step)^(−power))."""
-    return max(lambda_min, base * (1.0 + gamma * step) ** (-power))
+def l_softmax_lambda(step, base: float = 1000.0, gamma: float = 0.1, power: float = 2.0, lambda_min: float = 0.0):
+    """The authors' annealing: λ = max(λ_min, base · (1 + γ · step)^(−power)).
+
+    An int ``step`` gives a float; a tensor (``LSoftmax.step`` under torch.compile) a 0-d
+    float64 tensor, so that λ is computed in the graph.
+
+    >>> round(l_softmax_lambda(300), 3), l_softmax_lambda(torch.tensor(300)).dtype
+    (1.041, torch.float64)
+    """
+    value = base * (1.0 + gamma * (step.double() if isinstance(step, Tensor) else step)) ** (-power)
+    return value.clamp_min(lambda_min) if isinstance(value, Tensor) else max(lambda_min, value)
 
 
 @full_precision
 def l_softmax_logits(features: Tensor, weight: Tensor) -> Tensor:
-    """Margin-free logits W x (no bias): what L-Softmax predicts with."""
+    """Margin-free logits W x (no bias): what L-Softmax predicts with; ``weight`` is (num_classes, feature_dim)."""
+    _check_features_weight(features, weight)
     return features @ weight.t()
 
 
@@ -369,7 +451,8 @@ def l_softmax_loss(
 ) -> Tensor:
     """L-Softmax (Liu et al. 2016) with the authors' λ blend of the target logit.
 
-    target logit = (λ · W_y·x + ‖W_y‖‖x‖ψ(θ_y)) / (1 + λ); other logits W_j·x.
+    target logit = (λ · W_y·x + ‖W_y‖‖x‖ψ(θ_y)) / (1 + λ); other logits W_j·x. ``weight``
+    is (num_classes, feature_dim), the layout of ``nn.Linear.weight``.
     """
     check_reduction(reduction)
     _check_margin_int(margin)
@@ -406,6 +489,27 @@ def _psi_tables(m: int, dtype, device):
     return bounds, (1.0 - 2.0 * (k % 2)).to(dtype=dtype, device=device), (2.0 * k).to(dtype=dtype, device=device)
 
 
+def _l_softmax_terms(features, weight, target, margin, lambda_, reduction):
+    """L-Softmax's forward: (loss, margin-free logits W x, what ``_LSoftmaxCE.backward`` needs).
+
+    No in-place operation on anything autograd keeps, so that a create_graph backward can
+    run it again under autograd (``_gradients_with_graph``).
+    """
+    idx = target[:, None]
+    x_norm = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+    w_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
+    logits = torch.mm(features, weight.t())
+    dot = logits.gather(1, idx)
+    w_norm_y = w_norm.index_select(0, target)
+    norm_product = x_norm * w_norm_y
+    cos = _clamp_cos(dot / norm_product.clamp_min(_EPS))
+    psi, slope = _psi_and_slope(cos, margin)
+    # λ is a float, or a 0-d tensor under torch.compile (see LSoftmax); both blend alike
+    target_logit = (norm_product * psi).add_(dot * lambda_).div_(1.0 + lambda_)
+    logp = torch.log_softmax(logits.scatter(1, idx, target_logit), dim=1)
+    return F.nll_loss(logp, target, reduction=reduction), logits, (x_norm, w_norm, w_norm_y, cos, psi, slope, logp)
+
+
 class _LSoftmaxCE(torch.autograd.Function):
     """Cross-entropy over W x with the target logit (λ·W_y·x + ‖W_y‖‖x‖ψ(θ_y)) / (1 + λ), written out.
 
@@ -417,27 +521,19 @@ class _LSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weight, target, margin, lambda_, reduction):
-        idx = target[:, None]
-        x_norm = torch.linalg.vector_norm(features, dim=1, keepdim=True)
-        w_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)
-        logits = torch.mm(features, weight.t())
-        dot = logits.gather(1, idx)
-        w_norm_y = w_norm.index_select(0, target)
-        norm_product = x_norm * w_norm_y
-        cos = (dot / norm_product.clamp_min(_EPS)).clamp_(-1.0, 1.0)
-        psi, slope = _psi_and_slope(cos, margin)
-        target_logit = norm_product * psi
-        if lambda_:
-            target_logit.add_(dot, alpha=lambda_).div_(1.0 + lambda_)
-        logp = torch.log_softmax(logits.scatter(1, idx, target_logit), dim=1)
-        ctx.save_for_backward(features, weight, target, x_norm, w_norm, w_norm_y, cos, psi, slope, logp)
-        ctx.lambda_, ctx.reduction = lambda_, reduction
+        loss, logits, saved = _l_softmax_terms(features, weight, target, margin, lambda_, reduction)
+        ctx.save_for_backward(features, weight, target, *saved)
+        ctx.margin, ctx.lambda_, ctx.reduction = margin, lambda_, reduction
         ctx.mark_non_differentiable(logits)
-        return F.nll_loss(logp, target, reduction=reduction), logits
+        return loss, logits
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_of_logits):
         features, weight, target, x_norm, w_norm, w_norm_y, cos, psi, slope, logp = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            def loss_of(f, w):
+                return _l_softmax_terms(f, w, target, ctx.margin, ctx.lambda_, ctx.reduction)[0]
+            return (*_gradients_with_graph(loss_of, features, weight, grad_loss, ctx.needs_input_grad), None, None, None, None)
         idx, lam = target[:, None], ctx.lambda_
         grad = _grad_logits(logp, target, idx, grad_loss, ctx.reduction)
         grad_y = grad.gather(1, idx)
@@ -454,18 +550,20 @@ class _LSoftmaxCE(torch.autograd.Function):
         return grad_features, grad_weight, None, None, None, None
 
 
-def l_softmax_ce(features: Tensor, weight: Tensor, target: Tensor, margin: int, lambda_: float,
+def l_softmax_ce(features: Tensor, weight: Tensor, target: Tensor, margin: int, lambda_,
                  reduction: str = "none") -> tuple[Tensor, Tensor]:
-    """(reduced L-Softmax loss, margin-free logits W x); inputs already validated."""
+    """(reduced L-Softmax loss, margin-free logits W x); inputs already validated; λ a float or 0-d tensor."""
     if _use_native(features, weight):
-        return tuple(_native.l_softmax_ce(features, weight, target, int(margin), float(lambda_), reduction))
-    return _LSoftmaxCE.apply(features, weight, target, margin, float(lambda_), reduction)
+        return tuple(_native.l_softmax_ce(features, weight, target, int(margin), lambda_, reduction))
+    return _LSoftmaxCE.apply(features, weight, target, margin, lambda_, reduction)
 
 
 # ---------------------------------------------------------------- normalised margin losses
 @full_precision
 def cosine_logits(features: Tensor, weight: Tensor, scale: float = 1.0) -> Tensor:
-    """s · cos θ_j between each feature and each class weight: margin-free logits of AM-Softmax / ArcFace."""
+    """s · cos θ_j between each feature and each class weight (num_classes, feature_dim): margin-free
+    logits of AM-Softmax / ArcFace."""
+    _check_features_weight(features, weight)
     # Dividing the (batch, C) product by the norms costs far less, forward and backward,
     # than normalising the (batch, D) features and the (C, D) weights first.
     product, x_norm, w_norm = product_and_norms(features, weight)
@@ -478,8 +576,25 @@ def _grad_logits(logp: Tensor, target: Tensor, idx: Tensor, grad_loss: Tensor, r
     if reduction == "none":
         g = grad_loss[:, None] * scale
         return logp.exp().mul_(g).scatter_add_(1, idx, g.neg())
-    g = grad_loss * (scale / logp.shape[0] if reduction == "mean" else scale)
+    g = grad_loss * (scale / max(logp.shape[0], 1) if reduction == "mean" else scale)  # an empty batch has no rows to scale
     return logp.exp().mul_(g).scatter_add_(1, idx, g.neg().expand(idx.shape))
+
+
+def _cosine_margin_terms(features, weight, target, scale, target_fn, reduction):
+    """AM-Softmax's / ArcFace's forward: (loss, margin-free logits s·cos θ, what ``_CosineMarginCE.backward`` needs).
+
+    No in-place operation on anything autograd keeps, so that a create_graph backward can
+    run it again under autograd (``_gradients_with_graph``).
+    """
+    idx = target[:, None]
+    rx = torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(_EPS).reciprocal_()
+    rw = torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min(_EPS).reciprocal_()
+    unit_w = weight * rw
+    cos = torch.mm(features, unit_w.t()) * rx
+    t, dt = target_fn(cos.gather(1, idx))
+    plain = cos * scale  # margin-free logits, for prediction
+    logp = torch.log_softmax(plain.scatter(1, idx, t.mul_(scale)), dim=1)
+    return F.nll_loss(logp, target, reduction=reduction), plain, (unit_w, rx, rw, cos, logp, dt)
 
 
 class _CosineMarginCE(torch.autograd.Function):
@@ -494,22 +609,19 @@ class _CosineMarginCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weight, target, scale, target_fn, reduction):
-        idx = target[:, None]
-        rx = torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min_(_EPS).reciprocal_()
-        rw = torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min_(_EPS).reciprocal_()
-        unit_w = weight * rw
-        cos = torch.mm(features, unit_w.t()).mul_(rx)
-        t, dt = target_fn(cos.gather(1, idx))
-        plain = cos * scale  # margin-free logits, for prediction
-        logp = torch.log_softmax(plain.scatter(1, idx, t.mul_(scale)), dim=1)
-        ctx.save_for_backward(features, unit_w, target, rx, rw, cos, logp, dt)
-        ctx.scale, ctx.reduction = scale, reduction
+        loss, plain, saved = _cosine_margin_terms(features, weight, target, scale, target_fn, reduction)
+        ctx.save_for_backward(features, weight, target, *saved)
+        ctx.scale, ctx.target_fn, ctx.reduction = scale, target_fn, reduction
         ctx.mark_non_differentiable(plain)
-        return F.nll_loss(logp, target, reduction=reduction), plain
+        return loss, plain
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_plain):
-        features, unit_w, target, rx, rw, cos, logp, dt = ctx.saved_tensors
+        features, weight, target, unit_w, rx, rw, cos, logp, dt = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            def loss_of(f, w):
+                return _cosine_margin_terms(f, w, target, ctx.scale, ctx.target_fn, ctx.reduction)[0]
+            return (*_gradients_with_graph(loss_of, features, weight, grad_loss, ctx.needs_input_grad), None, None, None, None)
         idx = target[:, None]
         grad_cos = _grad_logits(logp, target, idx, grad_loss, ctx.reduction, ctx.scale)
         if dt is not None:
@@ -541,7 +653,7 @@ def arcface_target(margin: float):
     cos_m, sin_m, threshold = math.cos(margin), math.sin(margin), math.cos(math.pi - margin)
 
     def target_fn(cos_y):
-        c = cos_y.clamp_(-1.0, 1.0)
+        c = _clamp_cos(cos_y)
         sin_sq = torch.addcmul(torch.ones_like(c), c, c, value=-1.0)
         sin = sin_sq.clamp_min(_EPS).sqrt_()
         use_arc = c > threshold
@@ -558,8 +670,28 @@ def cosine_margin_ce(features: Tensor, weight: Tensor, target: Tensor, scale: fl
     ArcFace (``angular=True``: cos(θ_y + m)); inputs already validated."""
     if _use_native(features, weight):
         return tuple(_native.cosine_margin_ce(features, weight, target, float(scale), float(margin), angular, reduction))
-    target_fn = arcface_target(margin) if angular else am_softmax_target(margin)
-    return _CosineMarginCE.apply(features, weight, target, scale, target_fn, reduction)
+    return _CosineMarginCE.apply(features, weight, target, scale, _margin_target(margin, angular), reduction)
+
+
+def _margin_target(margin: float, angular: bool):
+    return arcface_target(margin) if angular else am_softmax_target(margin)
+
+
+def _native_gradients_with_graph(kernel: str, features, weight, target, grad_loss, needs_input_grad, args):
+    """What the C++ kernels' backward returns under create_graph=True: ``_gradients_with_graph``
+    through the PyTorch forward of the same loss (``args`` as the kernel holds them)."""
+    if kernel == "l_softmax_ce":
+        margin, lambda_, reduction = args
+
+        def loss_of(f, w):
+            return _l_softmax_terms(f, w, target, margin, lambda_, reduction)[0]
+    else:
+        scale, margin, angular, reduction = args
+        target_fn = _margin_target(margin, angular)
+
+        def loss_of(f, w):
+            return _cosine_margin_terms(f, w, target, scale, target_fn, reduction)[0]
+    return _gradients_with_graph(loss_of, features, weight, grad_loss, needs_input_grad)
 
 
 @full_precision

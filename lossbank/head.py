@@ -85,6 +85,24 @@ class MarginAwareHead(nn.Module):
                 f"features must have shape (batch, {self.in_features}) for this head (in_features={self.in_features}); "
                 f"got {shape}"
             )
+        if not features.is_floating_point():
+            raise ValueError(f"features must be a floating-point tensor; got dtype {features.dtype}")
+        own = self.weight.dtype
+        if features.dtype == own:
+            return
+        # Margin losses compute in float32 at least, so float16/bfloat16 mix with float32 there; a
+        # linear layer needs one dtype, or autocast, which casts float32 (never float64) down.
+        autocast_fits = not self.uses_margin and torch.float64 not in (features.dtype, own)
+        if self.uses_margin:
+            fits = LF._upcast(features).dtype == LF._upcast(self.weight).dtype
+        else:
+            fits = autocast_fits and torch.is_autocast_enabled(features.device.type)
+        if not fits:
+            raise ValueError(
+                f"features has dtype {features.dtype} but this head's parameters are {own}; cast the features "
+                f"(features.to({own})) or the head (head.to({features.dtype}))"
+                + (", or run it under torch.autocast" if autocast_fits else "")
+            )
 
     def logits(self, features: Tensor) -> Tensor:
         """Margin-free logits: what to argmax at test time."""
@@ -109,7 +127,8 @@ class MarginAwareHead(nn.Module):
                 )
             return HeadOutput(logits, self.criterion(logits, target, teacher_logits))
         if self.xent is not None:
-            xent_logits = self.xent(F.normalize(LF._upcast(logits), dim=1))
+            # normalised in float32, then in the layer's own dtype (bf16 after head.to(torch.bfloat16))
+            xent_logits = self.xent(F.normalize(LF._upcast(logits), dim=1).to(self.xent.weight.dtype))
             return HeadOutput(logits, self.criterion(logits, target, xent_logits))
         return HeadOutput(logits, self.criterion(logits, target))
 

@@ -152,7 +152,7 @@ class CrossEntropy(_Loss):
         super().__init__(reduction)
         if weight is not None:
             weight = torch.as_tensor(weight, dtype=torch.float32)
-            LF._check_class_weight(weight, weight.shape[0] if weight.dim() == 1 else -1)
+            LF._check_class_weight(weight)
         if not (0.0 <= label_smoothing < 1.0):
             raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
         self.register_buffer("weight", weight)
@@ -206,6 +206,19 @@ class WeightedCrossEntropy(_Loss):
         return LF.cross_entropy_loss(logits, target, self.weight, self.label_smoothing, reduction=self.reduction)
 
 
+class _MarginLoss(_Loss):
+    """Margin losses take the class weight matrix with the features: ``loss(features, weight, target)``."""
+
+    def forward(self, features: Tensor, weight: Tensor, target: Tensor | None = None) -> Tensor:
+        if target is None:
+            raise ValueError(
+                f"{type(self).__name__} got two arguments, but margin losses take (features, weight, target): the "
+                f"features, the class weight matrix of shape (num_classes, feature_dim) and the class indices. "
+                f"MarginAwareHead(in_features, num_classes, {self.registry_name!r}) holds the weight for you."
+            )
+        return self.logits_and_loss(features, weight, target)[1]
+
+
 @register_loss(
     "l_softmax",
     paper="Liu, Wen, Yu & Yang, 'Large-Margin Softmax Loss for Convolutional Neural Networks', ICML 2016",
@@ -214,7 +227,7 @@ class WeightedCrossEntropy(_Loss):
     "gamma = 0.1, power = 2, lambda_min = 0 are lossbank's, chosen so λ falls below 1 after about 300 "
     "steps (a short small-data run; the authors' schedules span tens of thousands of iterations)",
 )
-class LSoftmax(_Loss):
+class LSoftmax(_MarginLoss):
     """L-Softmax loss with the authors' λ annealing.
 
     Paper: W. Liu, Y. Wen, Z. Yu and M. Yang, "Large-Margin Softmax Loss for Convolutional
@@ -227,6 +240,9 @@ class LSoftmax(_Loss):
     ``power=2``, ``lambda_min=0`` (lossbank's, for short small-data runs: λ ≈ 1 after
     300 steps). The step count advances on every forward in training mode and is saved in
     the state dict; read λ from ``current_lambda``.
+
+    Call as ``loss(features, weight, target)``, ``weight`` of shape (num_classes, feature_dim)
+    like ``nn.Linear.weight``; ``MarginAwareHead`` holds it for you.
 
     >>> import torch
     >>> loss = LSoftmax(margin=2)
@@ -256,17 +272,20 @@ class LSoftmax(_Loss):
     def current_lambda(self) -> float:
         return LF.l_softmax_lambda(int(self.step), self.base, self.gamma, self.power, self.lambda_min)
 
+    def _lambda(self):
+        if torch.compiler.is_compiling():
+            # λ changes every step: as a Python float it would be a guard, and every step would recompile.
+            return LF.l_softmax_lambda(self.step, self.base, self.gamma, self.power, self.lambda_min)
+        return self.current_lambda
+
     def logits(self, features: Tensor, weight: Tensor) -> Tensor:
         return LF.l_softmax_logits(features, weight)
-
-    def forward(self, features: Tensor, weight: Tensor, target: Tensor) -> Tensor:
-        return self.logits_and_loss(features, weight, target)[1]
 
     @LF.full_precision
     def logits_and_loss(self, features: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(margin-free logits W x, loss) from one matrix product; advances λ's step when training."""
         target = LF._check_features_weight_target(features, weight, target)
-        value, logits = LF.l_softmax_ce(features, weight, target, self.margin, self.current_lambda, self.reduction)
+        value, logits = LF.l_softmax_ce(features, weight, target, self.margin, self._lambda(), self.reduction)
         if self.training:
             self.step += 1
         return logits, value
@@ -278,7 +297,7 @@ class LSoftmax(_Loss):
         )
 
 
-class _NormalisedMargin(_Loss):
+class _NormalisedMargin(_MarginLoss):
     angular = False  # the margin's kind: on cos θ_y (AM-Softmax) or on the angle θ_y (ArcFace)
 
     def __init__(self, scale: float, margin: float, reduction: str):
@@ -289,9 +308,6 @@ class _NormalisedMargin(_Loss):
 
     def logits(self, features: Tensor, weight: Tensor) -> Tensor:
         return LF.cosine_logits(features, weight, self.scale)
-
-    def forward(self, features: Tensor, weight: Tensor, target: Tensor) -> Tensor:
-        return self.logits_and_loss(features, weight, target)[1]
 
     @LF.full_precision
     def logits_and_loss(self, features: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -315,7 +331,8 @@ class AMSoftmax(_NormalisedMargin):
 
     Paper: F. Wang, J. Cheng, W. Liu and H. Liu, "Additive Margin Softmax for Face
     Verification", IEEE Signal Processing Letters 2018. Defaults ``scale=30``,
-    ``margin=0.35`` (the paper's). ``margin=0`` is cross-entropy on s·cos θ.
+    ``margin=0.35`` (the paper's). ``margin=0`` is cross-entropy on s·cos θ. Call as
+    ``loss(features, weight, target)``, ``weight`` of shape (num_classes, feature_dim).
 
     >>> import torch
     >>> loss = AMSoftmax()
@@ -341,7 +358,8 @@ class ArcFace(_NormalisedMargin):
     Paper: J. Deng, J. Guo, N. Xue and S. Zafeiriou, "ArcFace: Additive Angular Margin Loss
     for Deep Face Recognition", CVPR 2019. Defaults ``margin=0.5`` (paper) and
     ``scale=30`` (the paper's 64 is tuned for 10^5 classes). Where θ_y + m > π the target
-    uses cos θ_y − m·sin m instead, the fallback of the authors' code.
+    uses cos θ_y − m·sin m instead, the fallback of the authors' code. Call as
+    ``loss(features, weight, target)``, ``weight`` of shape (num_classes, feature_dim).
 
     >>> import torch
     >>> loss = ArcFace()

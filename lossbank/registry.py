@@ -91,5 +91,19 @@ def get_loss_info(name: str) -> LossInfo:
 
 
 def create_loss(name: str, **kwargs) -> nn.Module:
-    """Build the registered loss ``name`` with its defaults, overridden by ``kwargs``."""
-    return get_loss_info(name).cls(**kwargs)
+    """Build the registered loss ``name`` with its defaults, overridden by ``kwargs``.
+
+    >>> create_loss("am_softmax", margin=0.2)
+    AMSoftmax(scale=30.0, margin=0.2)
+    """
+    cls = get_loss_info(name).cls
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # after self
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        valid = [p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            raise ValueError(
+                f"unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for loss {name!r}; "
+                f"valid arguments: {', '.join(valid)}"
+            )
+    return cls(**kwargs)

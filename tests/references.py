@@ -2,36 +2,38 @@
 
 Nothing here calls lossbank or torch.nn.functional: each loss is recomputed one sample at
 a time with the ``math`` module, in float64, so the library is checked against the
-formulas rather than against itself.
+formulas rather than against itself. The margin losses also take ``ops=torch`` and then
+run the same formula on 0-d tensors (the entries of a tensor that requires grad), so that
+autograd gives the formula's first and second derivatives to check the library's against.
 """
 from __future__ import annotations
 
 import math
 
 
-def _softmax(z):
+def _softmax(z, ops=math):
     top = max(z)
-    e = [math.exp(v - top) for v in z]
+    e = [ops.exp(v - top) for v in z]
     s = sum(e)
     return [v / s for v in e]
 
 
-def _log_softmax(z):
+def _log_softmax(z, ops=math):
     top = max(z)
-    log_sum = top + math.log(sum(math.exp(v - top) for v in z))
+    log_sum = top + ops.log(sum(ops.exp(v - top) for v in z))
     return [v - log_sum for v in z]
 
 
-def _norm(v):
-    return math.sqrt(sum(a * a for a in v))
+def _norm(v, ops=math):
+    return ops.sqrt(sum(a * a for a in v))
 
 
 def _dot(a, b):
     return sum(x * y for x, y in zip(a, b))
 
 
-def _ce(z, y):
-    return -_log_softmax(z)[y]
+def _ce(z, y, ops=math):
+    return -_log_softmax(z, ops)[y]
 
 
 def l1(logits, target, **_):
@@ -79,45 +81,50 @@ def balanced_weights(class_counts):
     return [n / (k * c) for c in class_counts]
 
 
-def psi(theta, m):
-    k = min(int(math.floor(theta * m / math.pi)), m - 1)
-    return (-1) ** k * math.cos(m * theta) - 2 * k
+def _value(v):
+    """A float, or a 0-d tensor's value without its gradient (k below is piecewise constant)."""
+    return v.detach().item() if hasattr(v, "detach") else v
 
 
-def l_softmax(features, weight, target, margin=4, lambda_=0.0, **_):
+def psi(theta, m, ops=math):
+    k = min(int(math.floor(_value(theta) * m / math.pi)), m - 1)
+    return (-1) ** k * ops.cos(m * theta) - 2 * k
+
+
+def l_softmax(features, weight, target, margin=4, lambda_=0.0, ops=math, **_):
     out = []
     for x, y in zip(features, target):
         z = [_dot(w, x) for w in weight]
-        nx, nw = _norm(x), _norm(weight[y])
+        nx, nw = _norm(x, ops), _norm(weight[y], ops)
         cos = max(-1.0, min(1.0, z[y] / (nx * nw)))
-        theta = math.acos(cos)
-        z[y] = (lambda_ * z[y] + nw * nx * psi(theta, margin)) / (1 + lambda_)
-        out.append(_ce(z, y))
+        theta = ops.acos(cos)
+        z[y] = (lambda_ * z[y] + nw * nx * psi(theta, margin, ops)) / (1 + lambda_)
+        out.append(_ce(z, y, ops))
     return out
 
 
-def _cosines(x, weight):
-    nx = _norm(x)
-    return [_dot(w, x) / (nx * _norm(w)) for w in weight]
+def _cosines(x, weight, ops=math):
+    nx = _norm(x, ops)
+    return [_dot(w, x) / (nx * _norm(w, ops)) for w in weight]
 
 
-def am_softmax(features, weight, target, scale=30.0, margin=0.35, **_):
+def am_softmax(features, weight, target, scale=30.0, margin=0.35, ops=math, **_):
     out = []
     for x, y in zip(features, target):
-        cos = _cosines(x, weight)
+        cos = _cosines(x, weight, ops)
         z = [scale * (c - (margin if j == y else 0.0)) for j, c in enumerate(cos)]
-        out.append(_ce(z, y))
+        out.append(_ce(z, y, ops))
     return out
 
 
-def arcface(features, weight, target, scale=30.0, margin=0.5, **_):
+def arcface(features, weight, target, scale=30.0, margin=0.5, ops=math, **_):
     out = []
     for x, y in zip(features, target):
-        cos = _cosines(x, weight)
-        theta = math.acos(max(-1.0, min(1.0, cos[y])))
-        target_cos = math.cos(theta + margin) if theta + margin <= math.pi else cos[y] - margin * math.sin(margin)
+        cos = _cosines(x, weight, ops)
+        theta = ops.acos(max(-1.0, min(1.0, cos[y])))
+        target_cos = ops.cos(theta + margin) if theta + margin <= math.pi else cos[y] - margin * math.sin(margin)
         z = [scale * (target_cos if j == y else c) for j, c in enumerate(cos)]
-        out.append(_ce(z, y))
+        out.append(_ce(z, y, ops))
     return out
 
 

@@ -165,6 +165,26 @@ def test_psi_is_continuous_and_decreasing(m):
     torch.testing.assert_close(psi[-1], torch.tensor(-2.0 * m + 1, dtype=torch.float64))
 
 
+def test_l_softmax_under_torch_compile_does_not_recompile_as_lambda_anneals():
+    """λ changes every step; it must be computed in the graph, not guarded on as a Python float."""
+    torch._dynamo.reset()
+    head = lossbank.MarginAwareHead(D, C, "l_softmax", margin=2)
+    eager = lossbank.MarginAwareHead(D, C, "l_softmax", margin=2)
+    eager.load_state_dict(head.state_dict())
+    inputs, target = make_inputs("l_softmax", dtype=torch.float32)
+    step = torch.compile(lambda features, y: head(features, y).loss, backend="aot_eager")
+    for warm_up in range(2):  # the first calls compile, and may once mark sizes dynamic
+        step(inputs["features"], target).backward()
+        eager(inputs["features"], target).loss.backward()
+    lambdas = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(10):
+            torch.testing.assert_close(step(inputs["features"], target), eager(inputs["features"], target).loss)
+            lambdas.append(head.criterion.current_lambda)
+    assert len(set(lambdas)) == 10 and int(head.criterion.step) == 12
+    torch._dynamo.reset()
+
+
 def test_l_softmax_lambda_anneals_and_is_readable():
     loss = lossbank.LSoftmax()
     assert loss.current_lambda == pytest.approx(1000.0)
@@ -181,8 +201,10 @@ def test_l_softmax_lambda_anneals_and_is_readable():
 
 
 # ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=["first", "second"])
 @pytest.mark.parametrize("name", ALL)
-def test_gradcheck_float64(name):
+def test_gradcheck_float64(name, check):
+    """First and second derivatives (gradient penalties, meta-gradients) against finite differences."""
     loss = lossbank.create_loss(name, **loss_kwargs(name)).eval()
     inputs, target = make_inputs(name, n=4, seed=6)
     differentiable = ["features", "weight"] if loss.input == "features" else ["logits"]
@@ -192,7 +214,44 @@ def test_gradcheck_float64(name):
     def fn(*tensors):
         return call(loss, {**inputs, **dict(zip(differentiable, tensors))}, target)
 
-    assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in differentiable), eps=1e-6, atol=1e-5)
+    assert check(fn, tuple(inputs[k] for k in differentiable), eps=1e-6, atol=1e-5)
+
+
+# l_softmax with λ = 0.5 (not the default 1000, under which the margin barely enters)
+PENALTY_KWARGS = {"l_softmax": {"margin": 3, "base": 0.5, "gamma": 0.0}, "am_softmax": {}, "arcface": {}}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("name", MARGIN)
+def test_gradient_penalty_matches_autograd_through_the_reference(name, reduction):
+    """P = ‖∂L/∂x‖², and ∂P/∂x, ∂P/∂W: against autograd through tests/references.py's formula."""
+    loss = lossbank.create_loss(name, reduction=reduction, **PENALTY_KWARGS[name]).eval()
+    inputs, target = make_inputs(name, n=5, c=4, d=3, seed=8)
+    weights_per_sample = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)  # a non-uniform grad_output for 'none'
+
+    def penalty_and_its_gradients(per_sample_or_reduced):
+        x = inputs["features"].clone().requires_grad_(True)
+        w = inputs["weight"].clone().requires_grad_(True)
+        value = per_sample_or_reduced(x, w)
+        grad_output = weights_per_sample if reduction == "none" else None
+        (g,) = torch.autograd.grad(value, x, grad_output, create_graph=True)
+        penalty = (g**2).sum()
+        return (penalty.detach(), *torch.autograd.grad(penalty, (x, w)))
+
+    def reference_formula(x, w):
+        rows = [[x[i, j] for j in range(x.shape[1])] for i in range(x.shape[0])]
+        cols = [[w[i, j] for j in range(w.shape[1])] for i in range(w.shape[0])]
+        params = {k: getattr(loss, k) for k in ("margin", "scale") if hasattr(loss, k)}
+        if name == "l_softmax":
+            params["lambda_"] = loss.current_lambda
+        per_sample = torch.stack(ref.PER_SAMPLE[name](rows, cols, target.tolist(), ops=torch, **params))
+        return per_sample if reduction == "none" else per_sample.mean()
+
+    ours = penalty_and_its_gradients(lambda x, w: loss(x, w, target))
+    expected = penalty_and_its_gradients(reference_formula)
+    assert float(expected[0]) > 1e-3, "a penalty large enough to compare"
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", MARGIN)
@@ -218,6 +277,25 @@ def test_head_gradients_finite_for_zero_features(name):
     assert torch.isfinite(out.loss)
     assert bool(torch.isfinite(features.grad).all())
     assert all(bool(torch.isfinite(p.grad).all()) for p in head.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", ALL)
+def test_empty_batch_backward(name, reduction):
+    """A batch of 0 rows (a filtered or ragged last batch) gives torch's values and zero gradients."""
+    loss = lossbank.create_loss(name, reduction=reduction, **loss_kwargs(name))
+    inputs, target = make_inputs(name, n=0)
+    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+    value = call(loss, inputs, target)
+    expected = torch.nn.functional.cross_entropy(torch.zeros(0, C, dtype=torch.float64), target, reduction=reduction)
+    torch.testing.assert_close(value.detach(), expected, equal_nan=True)
+    if reduction == "none":
+        value.sum().backward()
+    else:
+        value.backward()
+    for key, tensor in inputs.items():
+        if tensor.grad is not None:
+            assert tensor.grad.shape == tensor.shape and not bool(tensor.grad.any()), key
 
 
 # ---------------------------------------------------------------- reduced precision
@@ -246,6 +324,32 @@ def test_bf16_autocast_close_to_float32(name):
         low = head(features.bfloat16(), target, teacher_logits=teacher.bfloat16()).loss
     assert low.dtype == torch.float32, "the loss is computed in float32 under autocast"
     torch.testing.assert_close(low, reference_value, rtol=1e-2, atol=1e-2)
+
+
+HEADS = [(n, loss_kwargs(n)) for n in ALL] + [("cosine", {"xent_weight": 0.1})]
+
+
+@pytest.mark.parametrize("how", ["to", "autocast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name,kwargs", HEADS, ids=[f"{n}-{k}" if "xent_weight" in k else n for n, k in HEADS])
+def test_every_head_trains_in_half_precision(name, kwargs, dtype, how):
+    """head.to(bf16)/.half() with features of that dtype, or a float32 head under autocast."""
+    torch.manual_seed(0)
+    head = lossbank.MarginAwareHead(64, C, name, **kwargs)
+    features, target, teacher = torch.randn(32, 64), torch.randint(0, C, (32,)), torch.randn(32, C)
+    reference_value = head(features, target, teacher_logits=teacher).loss.detach()
+    if how == "to":
+        head = head.to(dtype)
+        out = head(features.to(dtype), target, teacher_logits=teacher.to(dtype))
+    else:
+        with torch.autocast("cpu", dtype=dtype):
+            out = head(features, target, teacher_logits=teacher)
+    assert out.loss.dtype == torch.float32, "the loss is computed in float32"
+    out.loss.backward()
+    for parameter in head.parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == parameter.dtype
+        assert bool(torch.isfinite(parameter.grad).all())
+    torch.testing.assert_close(out.loss.detach(), reference_value, rtol=3e-2, atol=3e-2)
 
 
 # ---------------------------------------------------------------- properties
@@ -327,6 +431,55 @@ def test_functional_bad_arguments_raise():
         LF.cross_entropy_loss(logits, target, weight=torch.ones(3))
     with pytest.raises(ValueError, match="lambda_ must be"):
         LF.l_softmax_loss(torch.randn(3, 2), torch.randn(4, 2), target, lambda_=-1.0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_wrong_dtypes_raise_value_errors_naming_the_argument(name):
+    head = lossbank.MarginAwareHead(D, C, name, **loss_kwargs(name))
+    target = torch.arange(4) % C
+    with pytest.raises(ValueError, match=r"features has dtype torch.float64 but .*torch.float32"):
+        head(torch.randn(4, D, dtype=torch.float64), target, teacher_logits=torch.randn(4, C))
+    with pytest.raises(ValueError, match="features must be a floating-point tensor; got dtype torch.int64"):
+        head(torch.ones(4, D, dtype=torch.long), target, teacher_logits=torch.randn(4, C))
+    with pytest.raises(ValueError, match="features must be a floating-point tensor"):
+        head(torch.ones(4, D, dtype=torch.long))
+    if head.uses_margin:
+        with pytest.raises(ValueError, match=r"features has dtype torch.float64 but weight has dtype torch.float32"):
+            head.criterion(torch.randn(4, D, dtype=torch.float64), head.weight, target)
+        with pytest.raises(ValueError, match=r"features has dtype torch.float64 but weight has dtype torch.float32"):
+            head.criterion.logits(torch.randn(4, D, dtype=torch.float64), head.weight)
+
+
+@pytest.mark.parametrize("name", MARGIN)
+def test_margin_loss_called_like_a_logits_loss_says_what_it_takes(name):
+    logits, target = torch.randn(4, C), torch.arange(4) % C
+    with pytest.raises(ValueError, match=r"margin losses take \(features, weight, target\)"):
+        lossbank.create_loss(name)(logits, target)
+
+
+@pytest.mark.parametrize("name", MARGIN)
+def test_transposed_weight_is_named(name):
+    """(D, C) instead of (C, D): when D != C the error says the weight looks transposed."""
+    features, target = torch.randn(4, D), torch.arange(4) % C
+    loss = lossbank.create_loss(name)
+    with pytest.raises(ValueError, match=r"weight looks transposed: expected \(num_classes, feature_dim\) = \(\?, 7\), got \(7, 5\)"):
+        loss(features, torch.randn(D, C), target)
+    with pytest.raises(ValueError, match="weight looks transposed"):
+        loss.logits(features, torch.randn(D, C))
+    assert "(num_classes, feature_dim)" in type(loss).__doc__
+
+
+def test_create_loss_lists_the_valid_arguments():
+    with pytest.raises(ValueError, match=r"unknown argument 'margn' for loss 'arcface'; valid arguments: scale, margin, reduction"):
+        lossbank.create_loss("arcface", margn=0.3)
+    with pytest.raises(ValueError, match=r"unknown argument 'margn' for loss 'arcface'"):
+        lossbank.MarginAwareHead(D, C, "arcface", margn=0.3)
+
+
+def test_class_weight_of_the_wrong_shape_says_what_it_needs():
+    with pytest.raises(ValueError, match=r"weight must be a 1-D tensor with one weight per class; got shape \(3, 1\)") as error:
+        lossbank.CrossEntropy(weight=torch.ones(3, 1))
+    assert "-1" not in str(error.value)
 
 
 def test_import_pulls_in_torch_only():

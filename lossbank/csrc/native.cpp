@@ -17,6 +17,7 @@
 
 namespace {
 
+namespace py = pybind11;
 using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -26,12 +27,28 @@ constexpr int64_t kRowGrain = 64;
 constexpr double kPi = 3.14159265358979323846;
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+const char* const kReductionNames[] = {"none", "mean", "sum"};
 
 int64_t reduction_code(const std::string& reduction) {
   if (reduction == "none") return kNone;
   if (reduction == "mean") return kMean;
   if (reduction == "sum") return kSum;
   TORCH_CHECK(false, "reduction must be one of 'mean', 'sum', 'none'; got '", reduction, "'");
+}
+
+// backward(create_graph=True) — a gradient penalty, a meta-gradient — needs a gradient that can
+// itself be differentiated. The written-out backwards below compute from values saved by the
+// forward, so in that case the gradient is taken instead by autograd through the PyTorch forward of
+// the same loss (lossbank.functional._native_gradients_with_graph), which records its graph.
+// The ordinary backward never comes here.
+variable_list gradients_with_graph(AutogradContext* ctx, const char* kernel, const Tensor& grad_loss,
+                                   const py::tuple& args) {
+  auto saved = ctx->get_saved_variables();  // features, weight, target: the inputs, with their history
+  py::object fn = py::module_::import("lossbank.functional").attr("_native_gradients_with_graph");
+  py::tuple grads = fn(kernel, saved[0], saved[1], saved[2], grad_loss,
+                       py::make_tuple(ctx->needs_input_grad(0), ctx->needs_input_grad(1)), args);
+  auto tensor_or_none = [](py::handle h) { return h.is_none() ? Tensor() : h.cast<Tensor>(); };
+  return {tensor_or_none(grads[0]), tensor_or_none(grads[1]), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
 }
 
 // 1 / max(‖row‖, eps) for each row of a (rows, D) matrix, as a (rows, 1) column.
@@ -59,10 +76,10 @@ std::vector<scalar_t> row_factors(const Tensor& grad_loss, int64_t rows, int64_t
 // Cross-entropy over s·cos θ_j with the target's cos θ_y replaced by t(cos θ_y):
 // AM-Softmax t(c) = c − m; ArcFace t(c) = cos(θ + m), or c − m·sin m where θ + m > π.
 struct CosineMarginCE : public torch::autograd::Function<CosineMarginCE> {
-  static variable_list forward(AutogradContext* ctx, Tensor features, Tensor weight, Tensor target, double scale,
-                               double margin, bool arc, int64_t reduction) {
-    features = features.contiguous();
-    weight = weight.contiguous();
+  static variable_list forward(AutogradContext* ctx, const Tensor& input_features, const Tensor& input_weight,
+                               Tensor target, double scale, double margin, bool arc, int64_t reduction) {
+    // The inputs themselves are saved (not contiguous copies): a create_graph backward differentiates through them.
+    const Tensor features = input_features.contiguous(), weight = input_weight.contiguous();
     target = target.contiguous();
     const int64_t rows = features.size(0), classes = weight.size(0);
     Tensor rx = inverse_row_norms(features);
@@ -101,19 +118,27 @@ struct CosineMarginCE : public torch::autograd::Function<CosineMarginCE> {
     });
     Tensor logp = at::log_softmax(logits, 1);
     Tensor loss = at::nll_loss(logp, target, {}, reduction, -100);
-    ctx->save_for_backward({features, unit_w, target, rx, rw, cos, logp, slope});
+    ctx->save_for_backward({input_features, input_weight, target, unit_w, rx, rw, cos, logp, slope});
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["margin"] = margin;
+    ctx->saved_data["arc"] = arc;
     ctx->saved_data["reduction"] = reduction;
     ctx->mark_non_differentiable({plain});
     return {loss, plain};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    auto saved = ctx->get_saved_variables();
-    Tensor features = saved[0], unit_w = saved[1], target = saved[2], rx = saved[3], rw = saved[4], cos = saved[5],
-           logp = saved[6], slope = saved[7];
     const double scale = ctx->saved_data["scale"].toDouble();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    if (at::GradMode::is_enabled()) {
+      py::gil_scoped_acquire gil;
+      return gradients_with_graph(ctx, "cosine_margin_ce", grad_outputs[0],
+                                  py::make_tuple(scale, ctx->saved_data["margin"].toDouble(),
+                                                 ctx->saved_data["arc"].toBool(), kReductionNames[reduction]));
+    }
+    auto saved = ctx->get_saved_variables();
+    Tensor features = saved[0], target = saved[2], unit_w = saved[3], rx = saved[4], rw = saved[5], cos = saved[6],
+           logp = saved[7], slope = saved[8];
     const int64_t rows = cos.size(0), classes = cos.size(1);
     // g_ij = d loss / d cos_ij = s · grad_i · (softmax_ij − [j = y_i]), times dt/dc at j = y_i;
     // then cos_ij = x_i·ŵ_j / ‖x_i‖ gives, with one matrix product per input,
@@ -191,10 +216,10 @@ void psi_and_slope(double c, int64_t m, double* psi, double* slope) {
 
 // Cross-entropy over W x with the target logit (λ·W_y·x + ‖W_y‖‖x‖ψ(θ_y)) / (1 + λ).
 struct LSoftmaxCE : public torch::autograd::Function<LSoftmaxCE> {
-  static variable_list forward(AutogradContext* ctx, Tensor features, Tensor weight, Tensor target, int64_t margin,
-                               double lambda, int64_t reduction) {
-    features = features.contiguous();
-    weight = weight.contiguous();
+  static variable_list forward(AutogradContext* ctx, const Tensor& input_features, const Tensor& input_weight,
+                               Tensor target, int64_t margin, double lambda, int64_t reduction) {
+    // The inputs themselves are saved (not contiguous copies): a create_graph backward differentiates through them.
+    const Tensor features = input_features.contiguous(), weight = input_weight.contiguous();
     target = target.contiguous();
     const int64_t rows = features.size(0), classes = weight.size(0);
     Tensor x_norm = at::linalg_vector_norm(features, 2, {1}, false, c10::nullopt);
@@ -224,7 +249,8 @@ struct LSoftmaxCE : public torch::autograd::Function<LSoftmaxCE> {
     });
     Tensor logp = at::log_softmax(logits, 1);
     Tensor loss = at::nll_loss(logp, target, {}, reduction, -100);
-    ctx->save_for_backward({features, weight, target, x_norm, w_norm, cos, psi, slope, logp});
+    ctx->save_for_backward({input_features, input_weight, target, x_norm, w_norm, cos, psi, slope, logp});
+    ctx->saved_data["margin"] = margin;
     ctx->saved_data["lambda"] = lambda;
     ctx->saved_data["reduction"] = reduction;
     ctx->mark_non_differentiable({plain});
@@ -232,11 +258,16 @@ struct LSoftmaxCE : public torch::autograd::Function<LSoftmaxCE> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const double lambda = ctx->saved_data["lambda"].toDouble();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    if (at::GradMode::is_enabled()) {
+      py::gil_scoped_acquire gil;
+      return gradients_with_graph(ctx, "l_softmax_ce", grad_outputs[0],
+                                  py::make_tuple(ctx->saved_data["margin"].toInt(), lambda, kReductionNames[reduction]));
+    }
     auto saved = ctx->get_saved_variables();
     Tensor features = saved[0], weight = saved[1], target = saved[2], x_norm = saved[3], w_norm = saved[4],
            cos = saved[5], psi = saved[6], slope = saved[7], logp = saved[8];
-    const double lambda = ctx->saved_data["lambda"].toDouble();
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const int64_t rows = logp.size(0), classes = logp.size(1);
     // The target logit depends on d = W_y·x and n = ‖W_y‖‖x‖ (cos θ_y = d / n):
     //   ∂/∂d = (λ + ψ'(c)) / (1 + λ), ∂/∂n = (ψ(c) − c·ψ'(c)) / (1 + λ),
@@ -285,10 +316,18 @@ std::vector<Tensor> l_softmax_ce(const Tensor& features, const Tensor& weight, c
   return LSoftmaxCE::apply(features, weight, target, margin, lambda, reduction_code(reduction));
 }
 
+// λ as a 0-d tensor: under torch.compile LSoftmax computes it in the graph, since a Python float
+// would be guarded on and λ changes every step.
+std::vector<Tensor> l_softmax_ce_tensor_lambda(const Tensor& features, const Tensor& weight, const Tensor& target,
+                                               int64_t margin, const Tensor& lambda, const std::string& reduction) {
+  return l_softmax_ce(features, weight, target, margin, lambda.item<double>(), reduction);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Native CPU forward and backward of lossbank's margin losses (see lossbank/functional.py).";
   m.def("cosine_margin_ce", &cosine_margin_ce, "(loss, s·cos θ) of AM-Softmax (arc=False) or ArcFace (arc=True)");
   m.def("l_softmax_ce", &l_softmax_ce, "(loss, W x) of L-Softmax with the λ blend");
+  m.def("l_softmax_ce", &l_softmax_ce_tensor_lambda, "(loss, W x) of L-Softmax with the λ blend, λ a 0-d tensor");
 }
