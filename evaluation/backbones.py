@@ -16,12 +16,15 @@ import json
 import os
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from .files import WriteError, write_text_atomically
 
 BACKBONES = ("resnet50", "efficientnet_lite0", "mobilenet_v2", "efficientnet_b0")
 OFFLINE_BACKBONE = "efficientnet_lite0"
@@ -314,16 +317,25 @@ def _read_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        text = str(exc)
+        if "WeightsUnpickler error:" in text:  # torch's own message is a page about weights_only; keep its reason
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        reason = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        in_torch_cache = Path(torch.hub.get_dir()).resolve() in Path(path).resolve().parents
+        advice = ("It looks like a partial download in the torch cache: delete it and run again."
+                  if in_torch_cache else
+                  "Give a file written by torch.save(model.state_dict(), PATH) for this network.")
         raise BackboneError(
-            f"Cannot read weights file {path} for backbone {name!r} ({type(exc).__name__}: {exc}). "
-            f"If it is a partial download in the torch cache, delete it and run again."
+            f"Cannot read weights file {path} for backbone {name!r}: it is not a PyTorch weights file "
+            f"that loads safely ({type(exc).__name__}: {reason}). {advice}"
         ) from exc
     # Training scripts often wrap the state_dict in a checkpoint dict.
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BackboneError(f"Weights file {path} for backbone {name!r} does not hold a state_dict of tensors.")
+        raise BackboneError(f"Weights file {path} for backbone {name!r} holds a {type(obj).__name__}, not a "
+                            f"state_dict of tensors; save one with torch.save(model.state_dict(), PATH).")
     return dict(obj)
 
 
@@ -458,10 +470,10 @@ class LazyBackbone:
         if self._memo is None:
             return
         memo = {**self._read_memo(), self._memo_key: self.weights_hash}
-        self._memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._memo.with_name(f".{self._memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=1))
-        os.replace(tmp, self._memo)
+        try:
+            write_text_atomically(self._memo, json.dumps(memo, indent=1))
+        except WriteError as exc:  # only a later run's speed depends on it
+            warnings.warn(f"cannot remember the weights hash: {exc}")
 
     def build(self) -> Backbone:
         if self._backbone is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
+import json
 import math
 import mmap
 import multiprocessing
@@ -22,6 +23,7 @@ import os
 import pathlib
 import re
 import sys
+import unicodedata
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ import yaml
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from .files import write_text_atomically
+
 DATASETS = ("weather", "fruits", "covid")
 MANIFEST_PATH = pathlib.Path(__file__).resolve().parent.parent / "datasets_manifest.yaml"
 DEFAULT_DATA_ROOT = pathlib.Path("~/.cache/lossbank/datasets")
@@ -41,6 +45,9 @@ SPLITS = ("train", "valid")
 # What counts as an image in a user's folder; anything else there is listed, not read.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 VALID_FOLDER_NAMES = ("valid", "val", "test")
+# Folder names that mean a split of a dataset, not a class: --data-dir pointing one level too
+# high (at an archive's root) would otherwise train a "train vs test" classifier.
+SPLIT_LIKE_NAME = re.compile(r"(train|training|test|testing|valid|validation|val|dev|eval)([_ -]?(zip|set|data|images|split))?")
 # A copy missing more than this share of its images is most likely an interrupted
 # download or unpack, and results on it would not be comparable: refuse it.
 MAX_MISSING_FRACTION = 0.10
@@ -59,6 +66,7 @@ class ImageDecodeError(DatasetError):
 class Sample:
     path: pathlib.Path  # absolute
     label: int  # index into DatasetSplits.classes
+    sha256: str | None = None  # of the file's bytes; load_dataset fills it in
 
 
 @dataclass
@@ -70,21 +78,38 @@ class DatasetSplits:
     root: pathlib.Path
     notes: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # undecodable files left out, as absolute paths
 
     def fingerprint(self) -> str:
-        """Digest of which files, as which label and split, make up this dataset.
+        """Digest of which files' contents, as which label and split, make up this dataset.
 
-        Built from file metadata only (size and mtime, never the bytes), so it is
-        cheap enough to key a feature cache on every run; replacing a file changes it.
+        Built from the files' sha256 (which load_dataset computes once and remembers), so a
+        copied or touched file with the same bytes keeps it and a replaced one changes it.
         """
         h = hashlib.sha256()
         h.update(f"{self.name}\n{','.join(self.classes)}\n".encode())
-        for split, samples in (("train", self.train), ("valid", self.valid)):
-            for s in samples:
-                st = os.stat(s.path)
-                rel = _relative(s.path, self.root)
-                h.update(f"{split}\t{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{s.label}\n".encode())
+        for split in SPLITS:
+            h.update(self._split_digest(split).encode())
         return h.hexdigest()
+
+    def _split_digest(self, split: str) -> str:
+        h = hashlib.sha256()
+        for s in getattr(self, split):
+            digest = s.sha256 or file_sha256(s.path)
+            h.update(f"{split}\t{_relative(s.path, self.root)}\t{digest}\t{s.label}\n".encode())
+        return h.hexdigest()
+
+    def identity(self) -> dict:
+        """What a run trained and was evaluated on: the classes and, per split, its image count and
+        a digest of its files (relative path, content, label). Two runs are comparable only if equal."""
+        return {"classes": list(self.classes),
+                **{split: {"images": len(getattr(self, split)), "sha256": self._split_digest(split)[:16]}
+                   for split in SPLITS}}
+
+    def file_list(self) -> dict[str, dict[str, str]]:
+        """{split: {path relative to the root: sha256}}: kept beside the runs to name what changed."""
+        return {split: {_relative(s.path, self.root): s.sha256 or file_sha256(s.path) for s in getattr(self, split)}
+                for split in SPLITS}
 
 
 # ---------------------------------------------------------------------------
@@ -309,7 +334,9 @@ def _scan_named(name: str, data_root, split_seed: int) -> _Scan:
 
 
 def _canonical_class(raw: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "_", raw.strip().lower()).strip("_")
+    """Lower case, runs of anything but letters and digits (of any script) as one "_": 'Crème Brûlée' -> 'crème_brûlée'."""
+    text = unicodedata.normalize("NFC", raw).strip().casefold()
+    return re.sub(r"[\W_]+", "_", text).strip("_")
 
 
 def _is_image_name(p: pathlib.Path) -> bool:
@@ -328,6 +355,23 @@ def _find_child(folder: pathlib.Path, wanted: str) -> pathlib.Path | None:
     return None
 
 
+def _refuse_split_folders_as_classes(root: pathlib.Path, layout_help: str) -> None:
+    """--data-dir one level too high (an archive's root holding train_zip/, test_zip/...) is refused,
+    naming the folder below that has the expected layout, if there is one."""
+    folders = _class_folders(root)
+    split_like = [d.name for d in folders if SPLIT_LIKE_NAME.fullmatch(d.name.strip().lower())]
+    if not split_like or (len(split_like) < 2 and len(split_like) < len(folders)):
+        return
+    hint = ""
+    for below in sorted((p for p in root.glob("**/") if p != root and len(p.relative_to(root).parts) <= 3),
+                        key=lambda p: natural_key(p.as_posix())):
+        if _find_child(below, "train") is not None and any(_find_child(below, v) for v in VALID_FOLDER_NAMES):
+            hint = f" The folder {below} has that layout: pass --data-dir {below}."
+            break
+    raise DatasetError(f"--data-dir {root}: its folders {', '.join(split_like)} look like dataset splits, not "
+                       f"classes, and a model would learn to tell the splits apart.{hint} Expected {layout_help}.")
+
+
 def _scan_user_dir(data_dir, split_seed: int) -> _Scan:
     root = pathlib.Path(data_dir).expanduser().absolute()
     layout_help = (f"{root}/train/<class>/<images> plus {root}/valid/<class>/<images> "
@@ -336,11 +380,13 @@ def _scan_user_dir(data_dir, split_seed: int) -> _Scan:
     if not root.is_dir():
         raise DatasetError(f"--data-dir {root} is not a folder. Expected {layout_help}.")
     train_dir = _find_child(root, "train")
-    valid_dir = None
-    for cand in VALID_FOLDER_NAMES:
-        valid_dir = valid_dir or _find_child(root, cand)
+    valid_dirs = [d for d in (_find_child(root, cand) for cand in VALID_FOLDER_NAMES) if d is not None]
+    valid_dir = valid_dirs[0] if valid_dirs else None
     notes: list[str] = []
     unexpected: list[str] = []
+    if train_dir is not None and len(valid_dirs) > 1:
+        notes.append(f"{root.name}: found {', '.join(d.name + '/' for d in valid_dirs)}; using {valid_dir.name}/ as "
+                     f"the validation split, {', '.join(d.name + '/' for d in valid_dirs[1:])} is not used")
 
     def images_by_class(folder: pathlib.Path) -> dict[str, list[pathlib.Path]]:
         out = {}
@@ -363,6 +409,7 @@ def _scan_user_dir(data_dir, split_seed: int) -> _Scan:
         per_split = {"train": images_by_class(train_dir), "valid": images_by_class(valid_dir)}
         split_note = f"train = {train_dir.name}/, valid = {valid_dir.name}/"
     else:
+        _refuse_split_folders_as_classes(root, layout_help)
         found = images_by_class(root)
         if not found:
             raise DatasetError(f"--data-dir {root} holds no class folders with images. "
@@ -378,30 +425,41 @@ def _scan_user_dir(data_dir, split_seed: int) -> _Scan:
                       f"ceil({USER_VALID_FRACTION} x n) per class, files ranked by "
                       f"sha256('<seed>/<class folder>/<path in it>')")
 
-    raw_names = sorted(set(per_split["train"]) | set(per_split["valid"]), key=natural_key)
+    folder_of = {"train": train_dir.name, "valid": valid_dir.name} if train_dir is not None else {"train": "", "valid": ""}
     canonical_of = {}
-    for raw in raw_names:
-        c = _canonical_class(raw)
-        if not c:
-            raise DatasetError(f"--data-dir {root}: the class folder name '{raw}' has no letters "
-                               f"or digits; rename it.")
-        canonical_of[raw] = c
-    clashes = defaultdict(set)
+    for split in SPLITS:
+        by_class = defaultdict(list)
+        for raw in per_split[split]:
+            c = _canonical_class(raw)
+            if not c:
+                raise DatasetError(f"--data-dir {root}: the class folder name '{raw}' has no letters "
+                                   f"or digits; rename it.")
+            canonical_of[raw] = c
+            by_class[c].append(raw)
+        for c, raws in by_class.items():
+            if len(raws) > 1:
+                where = ", ".join(f"'{folder_of[split]}/{r}'" if folder_of[split] else f"'{r}'"
+                                  for r in sorted(raws))
+                raise DatasetError(f"--data-dir {root}: class folders {where} all mean class "
+                                   f"'{c}'; rename or merge them.")
+    spelled = defaultdict(set)
     for raw, c in canonical_of.items():
-        clashes[c].add(raw)
-    for c, raws in clashes.items():
-        if len(raws) > 1:
-            raise DatasetError(f"--data-dir {root}: class folders {sorted(raws)} all mean class "
-                               f"'{c}'; rename or merge them.")
+        spelled[c].add(raw)
+    for c, raws in spelled.items():
+        if len(raws) > 1:  # e.g. train/apple and valid/Apple: one class, spelt differently in the two splits
+            notes.append(f"{root.name}: class '{c}' is spelt {' and '.join(repr(r) for r in sorted(raws))} "
+                         f"in {folder_of['train']}/ and {folder_of['valid']}/: taken as one class")
     classes = sorted(set(canonical_of.values()))
-    no_train = sorted(c for raw, c in canonical_of.items() if raw not in per_split["train"])
+    train_classes = {canonical_of[raw] for raw in per_split["train"]}
+    no_train = sorted(c for c in classes if c not in train_classes)
     if no_train:
         raise DatasetError(f"--data-dir {root}: class(es) {', '.join(no_train)} have no training "
                            f"images; a model cannot learn them. Add images or remove the folder.")
     if len(classes) < 2:
         raise DatasetError(f"--data-dir {root}: found only class {classes}; a classifier needs "
                            f"at least two class folders. Expected {layout_help}.")
-    no_valid = sorted(c for raw, c in canonical_of.items() if raw not in per_split["valid"])
+    valid_classes = {canonical_of[raw] for raw in per_split["valid"]}
+    no_valid = sorted(c for c in classes if c not in valid_classes)
     if no_valid:
         notes.append(f"{root.name}: no validation images for class(es) {', '.join(no_valid)}")
     present = [_Entry(_relative(p, root), s, classes.index(canonical_of[raw]))
@@ -470,21 +528,64 @@ def _duplicates_to_drop(entries: list[_Entry], digests: dict[str, str]):
 # ---------------------------------------------------------------------------
 # Loading
 
+def usability_problems(scan: _Scan, undecodable) -> list[str]:
+    """Why a dataset cannot be trained and evaluated on, given the files that do not decode; [] if it can.
+
+    The one rule, shared by ``verify`` and the harness: every class needs a decodable train
+    image; a named dataset needs a decodable valid image of every class too, and a user's
+    folder at least one decodable valid image (a class without valid images is only noted).
+    """
+    bad = set(undecodable)
+    usable = [e for e in scan.present if e.rel not in bad]
+    problems = []
+    for s in SPLITS:
+        for i, c in enumerate(scan.classes):
+            if not any(e.split == s and e.label == i for e in usable):
+                if s == "train" or scan.expected_counts is not None:
+                    problems.append(f"no decodable {s} images of class '{c}'")
+    if scan.expected_counts is None and not any(e.split == "valid" for e in usable):
+        problems.append("no decodable valid images at all: nothing to evaluate on")
+    return problems
+
+
 def load_dataset(name: str | None = None, *, data_root=None, data_dir=None,
-                 drop_duplicates: bool = False, split_seed: int = 0) -> DatasetSplits:
+                 drop_duplicates: bool = False, split_seed: int = 0, workers: int = 2,
+                 memo=None, progress: bool = False) -> DatasetSplits:
     """Train and valid samples of a named dataset, or of a user's folder (data_dir).
 
-    A partial copy loads with a warning naming the missing count; a missing or
-    badly incomplete one raises DatasetError saying where it looked and what to get.
+    Every file is hashed and test-decoded first (``check_files``; ``memo`` is a JSON file
+    that remembers the results per path, size and mtime, so a rerun only stats the files).
+    Undecodable files are left out and listed in ``skipped``; a dataset that is not usable
+    by ``usability_problems`` (the rule ``verify`` applies) raises DatasetError with the
+    reasons, before any other work. A partial copy loads with a warning naming the missing
+    count; a missing or badly incomplete one raises DatasetError saying where it looked
+    and what to get.
     """
     scan = _scan(name, data_root, data_dir, split_seed)
     notes = list(scan.notes)
     for note in scan.notes:
         warnings.warn(note, stacklevel=2)
-    entries = scan.present
+    checks = check_files([scan.root / e.rel for e in scan.present], workers=workers, memo=memo, progress=progress)
+    digests = {e.rel: checks[str(scan.root / e.rel)].sha256 for e in scan.present}
+    errors = {e.rel: checks[str(scan.root / e.rel)].error for e in scan.present if checks[str(scan.root / e.rel)].error}
+    for e in scan.present:
+        for warning in checks[str(scan.root / e.rel)].warnings:
+            warnings.warn(warning, stacklevel=2)
+    problems = usability_problems(scan, errors)
+    if problems:
+        shown = "".join(f"\n  {errors[rel]}" for rel in sorted(errors, key=natural_key)[:10])
+        raise DatasetError(f"{scan.name} ({scan.root}): NOT USABLE: {'; '.join(problems)}."
+                           + (f" Undecodable files:{shown}" if shown else "")
+                           + f"\nThe full report: {_verify_command(name, data_root, data_dir)}")
+    entries = [e for e in scan.present if e.rel not in errors]
+    skipped = [str(scan.root / rel) for rel in sorted(errors, key=natural_key)]
+    if errors:
+        lines = "\n  ".join(errors[rel] for rel in sorted(errors, key=natural_key))
+        message = f"{scan.name}: {len(errors)} of {len(scan.present)} image files cannot be decoded and are left out:\n  {lines}"
+        warnings.warn(message, stacklevel=2)
+        notes.append(f"{scan.name}: {len(errors)} undecodable image files left out: {', '.join(sorted(errors, key=natural_key))}")
     dropped_counts: dict[str, int] = {}
     if drop_duplicates:
-        digests = {e.rel: file_sha256(scan.root / e.rel) for e in entries}
         dropped, dup_notes = _duplicates_to_drop(entries, digests)
         gone = {rel for rels in dropped.values() for rel in rels}
         entries = [e for e in entries if e.rel not in gone]
@@ -498,10 +599,91 @@ def load_dataset(name: str | None = None, *, data_root=None, data_dir=None,
     def samples(split):
         chosen = [e for e in entries if e.split == split]
         chosen.sort(key=lambda e: (e.label, natural_key(e.rel)))
-        return [Sample((scan.root / e.rel), e.label) for e in chosen]
+        return [Sample(scan.root / e.rel, e.label, digests[e.rel]) for e in chosen]
 
     return DatasetSplits(scan.name, list(scan.classes), samples("train"), samples("valid"),
-                         scan.root, notes, dropped_counts)
+                         scan.root, notes, dropped_counts, skipped)
+
+
+def _verify_command(name, data_root, data_dir) -> str:
+    if data_dir is not None:
+        return f"python -m evaluation.data verify --data-dir {data_dir}"
+    return f"python -m evaluation.data verify {name}" + (f" --data-root {data_root}" if data_root else "")
+
+
+# ---------------------------------------------------------------------------
+# Checking files: content hash and whether they decode, remembered
+
+@dataclass(frozen=True)
+class FileCheck:
+    sha256: str | None  # None when the file cannot be read
+    error: str | None  # why it cannot be decoded, naming the file; None when it decodes
+    warnings: tuple[str, ...] = ()  # e.g. PIL's decompression-bomb warning, naming the file
+
+
+def _check_one(path: str) -> FileCheck:
+    sha = None
+    try:
+        sha = file_sha256(path)
+    except OSError:
+        pass  # decode_image names the reason
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            decode_image(path, 16)
+            error = None
+        except ImageDecodeError as e:
+            error = str(e)
+    return FileCheck(sha, error, tuple(str(w.message) for w in caught))
+
+
+def _check_indexed(job):
+    index, path = job
+    return index, _check_one(path)
+
+
+def _memo_key(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # a dangling link or a vanished file: checked afresh every time
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def check_files(paths, *, workers: int = 2, memo=None, progress: bool = False) -> dict[str, FileCheck]:
+    """{str(path): FileCheck} for every path: its sha256, and whether it decodes (at 16 px).
+
+    ``memo`` (a JSON file, or None) remembers each answer under the file's path, size and
+    mtime, so a rerun over unchanged files reads none of them.
+    """
+    paths = [str(p) for p in paths]
+    memo_path = pathlib.Path(memo).expanduser() if memo is not None else None
+    remembered = {}
+    if memo_path is not None:
+        try:
+            remembered = json.loads(memo_path.read_text())
+            if not isinstance(remembered, dict):
+                remembered = {}
+        except (OSError, ValueError):
+            remembered = {}
+    keys = {p: _memo_key(p) for p in paths}
+    out: dict[str, FileCheck] = {}
+    todo = []
+    for p in paths:
+        hit = remembered.get(keys[p]) if keys[p] else None
+        if isinstance(hit, list) and len(hit) == 3:
+            out[p] = FileCheck(hit[0], hit[1], tuple(hit[2]))
+        else:
+            todo.append(p)
+    for index, check in _run_parallel(_check_indexed, list(enumerate(todo)), workers, progress, "checking files"):
+        out[todo[index]] = check
+    if memo_path is not None and todo:
+        fresh = {keys[p]: [out[p].sha256, out[p].error, list(out[p].warnings)] for p in todo if keys[p]}
+        try:
+            write_text_atomically(memo_path, json.dumps({**remembered, **fresh}))
+        except OSError as e:
+            warnings.warn(f"cannot remember file checks in {memo_path} ({e}); they are redone next time")
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -551,10 +733,18 @@ def decode_image(path, size: int | None = None) -> Image.Image:
     """
     path = pathlib.Path(path)
     try:
+        if path.is_symlink() and not path.exists():
+            raise ImageDecodeError(f"cannot decode image {path}: it is a broken symbolic link (to "
+                                   f"{os.readlink(path)}). Point it at the image or delete it.")
         if path.stat().st_size == 0:
             raise ImageDecodeError(f"cannot decode image {path}: the file is empty (0 bytes). "
                                    f"Replace it with a good copy or delete it.")
-        with Image.open(path) as im:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        for w in caught:  # PIL's own warning does not say which file
+            warnings.warn(f"{path}: {w.message}", w.category, stacklevel=2)
+        with im:
             if size is not None and im.format == "JPEG":
                 im.draft(None, (size, size))
             im.load()
@@ -584,15 +774,17 @@ _OUT: np.ndarray | None = None
 
 def _decode_into_out(job):
     index, path, size = job
-    try:
-        im = decode_image(path, size)
-    except ImageDecodeError as e:
-        return index, str(e)
+    with warnings.catch_warnings(record=True) as caught:  # returned: a worker's own warnings would be lost
+        warnings.simplefilter("always")
+        try:
+            im = decode_image(path, size)
+        except ImageDecodeError as e:
+            return index, str(e), [(str(w.message), w.category) for w in caught]
     # The whole photo squashed to a square, no crop: in whole-scene classes (sky,
     # X-ray) the edges carry the class as much as the centre.
     im = im.resize((size, size), Image.BILINEAR)
     _OUT[index] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-    return index, None
+    return index, None, [(str(w.message), w.category) for w in caught]
 
 
 def _fork_available() -> bool:
@@ -640,9 +832,11 @@ def load_images(samples: list[Sample], size: int, workers: int = 2, progress: bo
     errors: dict[int, str] = {}
     _OUT = out
     try:
-        for index, error in _run_parallel(_decode_into_out, jobs, workers, progress, "decoding"):
+        for index, error, caught in _run_parallel(_decode_into_out, jobs, workers, progress, "decoding"):
             if error is not None:
                 errors[index] = error
+            for message, category in caught:
+                warnings.warn(message, category, stacklevel=2)
     finally:
         _OUT = None
     kept = [i for i in range(n) if i not in errors]
@@ -689,11 +883,14 @@ def _probe(job):
     """Facts about one file for the audit: its hash, real format, mode, frames,
     EXIF orientation, and whether it decodes."""
     rel, path = job
-    info = {"rel": rel, "sha256": None, "format": None, "mode": None, "frames": 1,
-            "orientation": 1, "error": None}
+    check = _check_one(path)  # the harness's own check: the audit and a run agree on every file
+    info = {"rel": rel, "sha256": check.sha256, "format": None, "mode": None, "frames": 1,
+            "orientation": 1, "error": check.error, "warnings": check.warnings}
     try:
-        info["sha256"] = file_sha256(path)
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _check_one has it, with the file name
+            im = Image.open(path)
+        with im:
             info["format"], info["mode"] = im.format, im.mode
             info["frames"] = getattr(im, "n_frames", 1)
             try:
@@ -701,11 +898,7 @@ def _probe(job):
             except Exception:
                 info["orientation"] = 1
     except Exception:
-        pass  # decode_image below reports the reason
-    try:
-        decode_image(path, 16)
-    except ImageDecodeError as e:
-        info["error"] = str(e)
+        pass  # check.error has the reason
     return info
 
 
@@ -810,13 +1003,11 @@ def audit(name=None, *, data_root=None, data_dir=None, workers: int = 2) -> tupl
                f"images, {len(dropped['valid_duplicates'])} duplicate valid images and "
                f"{len(dropped['leaked_valid'])} leaked valid images")
 
-    problems = []
+    warned = [w for rel in sorted(infos, key=natural_key) for w in infos[rel]["warnings"]]
+    if warned:
+        section("warnings while decoding", warned)
     bad = {rel for rel, info in infos.items() if info["error"]}
-    for s in SPLITS:
-        for i, c in enumerate(scan.classes):
-            if not any(e.split == s and e.label == i and e.rel not in bad for e in scan.present):
-                if s == "train" or scan.expected_counts is not None:
-                    problems.append(f"no decodable {s} images of class '{c}'")
+    problems = usability_problems(scan, bad)
     usable = not problems
     if usable:
         caveats = []

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from evaluation.backbones import Backbone
 from evaluation.data import load_images
+from evaluation.files import WriteError, write_atomically
 
 # Bump whenever eval_view/train_view/normalise change what they produce: it is part
 # of the cache key, so stale features are never reused.
@@ -42,16 +42,24 @@ PRECISIONS = ("auto", "bf16", "fp32")
 PARTS = ("pooled", "trunk")
 
 
+# "1" or "0" overrides what native_bf16 detects on a CPU: the test suite uses it to run the
+# code paths of the other kind of CPU (AVX2-only vs AVX-512-BF16/AMX) on the machine it has.
+NATIVE_BF16_ENV = "LOSSBANK_NATIVE_BF16"
+
+
 def native_bf16(device: str) -> bool:
     """Whether `device` computes in bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX).
 
-    Elsewhere bf16 is emulated: on an AVX2-only CPU, Lite0 extracted 3-4 img/s in bf16 against
-    30-35 in fp32 (benchmarks/bench_extraction.py).
+    Elsewhere bf16 is emulated and much slower than fp32 (benchmarks/bench_extraction.py
+    measures both on the machine at hand).
     """
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if dev.type == "cpu":
+        forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+        if forced in ("0", "1"):
+            return forced == "1"
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     return False
@@ -66,7 +74,7 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "bf16" and not native_bf16(device):
         warnings.warn(
             f"precision='bf16' on {device}, which has no native bf16: it is emulated and much slower than "
-            f"fp32 (about 10x for Lite0 on an AVX2 CPU); precision='auto' picks fp32 here."
+            f"fp32; precision='auto' picks fp32 here."
         )
     return precision
 
@@ -271,18 +279,6 @@ def _read_cache(path: Path, key: str, backbone: Backbone, views: int, part: str)
         return None
 
 
-def _write_atomically(entry: dict, path: Path) -> None:
-    # A run killed mid-write must never leave a truncated file under the real name.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(entry, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cached_features(
     backbone: Backbone,
     splits,
@@ -298,11 +294,14 @@ def cached_features(
     cache_dir,
     progress: bool = True,
     part: str = "pooled",
+    workers: int = 2,
 ) -> FeatureSet:
     """Features of `split` ("train" or "valid") of `splits`, from the cache in `cache_dir` or computed and stored there.
 
     On a cache hit nothing is decoded or run through the backbone. The precision
-    used ("auto" resolved) is in the result's ``precision``.
+    used ("auto" resolved) is in the result's ``precision``. A cache that cannot be
+    written (full disk, read-only folder) costs only the reuse: the features computed
+    are returned all the same, with a warning.
     """
     if split not in ("train", "valid"):
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
@@ -312,7 +311,6 @@ def cached_features(
         image_size=image_size, decode_size=decode_size, precision=precision, part=part,
     )
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     dataset = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(splits.name))
     stem = backbone.name if part == "pooled" else f"{backbone.name}-{part}"
     path = cache_dir / f"{dataset}_{split}_{stem}_{'aug' if augment else 'eval'}{views}_{key[:16]}.pt"
@@ -330,7 +328,7 @@ def cached_features(
 
     samples = splits.train if split == "train" else splits.valid
     start = time.perf_counter()
-    images, ok, failed = load_images(samples, decode_size, progress=progress)
+    images, ok, failed = load_images(samples, decode_size, workers=workers, progress=progress)
     seconds["decode"] = time.perf_counter() - start
     labels = torch.tensor([samples[i].label for i in ok], dtype=torch.int64)
     paths = [str(samples[i].path) for i in ok]
@@ -344,7 +342,11 @@ def cached_features(
     seconds["extract"] = time.perf_counter() - start
 
     entry = {"key": key, "features": features, "labels": labels, "paths": paths, "bad_files": bad_files}
-    _write_atomically(entry, path)
+    try:
+        write_atomically(path, lambda tmp: torch.save(entry, tmp))
+    except WriteError as exc:
+        warnings.warn(f"the features are not cached: {exc}. This run uses them all the same; the next one "
+                      f"computes them again")
     return FeatureSet(
         features=features, labels=labels, paths=paths, bad_files=bad_files, cache_hit=False, seconds=seconds,
         precision=precision,

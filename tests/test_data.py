@@ -517,10 +517,13 @@ def test_user_folder_duplicates_leakage_and_audit(tmp_path):
     (root / "valid" / "a" / "leaked.jpg").write_bytes(copy)
     (root / "train" / "b" / "twin.jpg").write_bytes((root / "train" / "b" / "img1.jpg").read_bytes())
     (root / "valid" / "b" / "broken.jpg").write_text("nope")
-    ds = load_dataset(data_dir=root, drop_duplicates=True)
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        ds = load_dataset(data_dir=root, drop_duplicates=True)
     assert ds.dropped == {"train_duplicates": 1, "valid_duplicates": 0, "leaked_valid": 1}
     assert "leaked.jpg" not in {s.path.name for s in ds.valid}
-    assert len(ds.train) == 8 and len(ds.valid) == 5
+    # The undecodable file is left out when the dataset is loaded, as verify says it will be.
+    assert len(ds.train) == 8 and len(ds.valid) == 4
+    assert [Path(p).name for p in ds.skipped] == ["broken.jpg"]
 
     report, usable = audit(data_dir=root)
     assert usable
@@ -538,20 +541,121 @@ def test_user_folder_duplicates_leakage_and_audit(tmp_path):
     assert data.main(["verify", "--data-dir", str(tmp_path / "nothing")]) == 1
 
 
-def test_fingerprint_is_cheap_stable_and_tracks_changes(tmp_path, monkeypatch):
+def test_fingerprint_is_cheap_stable_and_tracks_contents(tmp_path, monkeypatch):
     root = make_user_folder(tmp_path / "fp", {"a": 5, "b": 5})
-    ds = load_dataset(data_dir=root)
+    memo = tmp_path / "checks.json"
+    ds = load_dataset(data_dir=root, memo=memo)
     fp = ds.fingerprint()
     assert fp == load_dataset(data_dir=root).fingerprint() and len(fp) == 64
 
     def no_reading(*args, **kwargs):
-        raise AssertionError("fingerprint() must not open files")
+        raise AssertionError("must not read images")
 
     with monkeypatch.context() as m:
         m.setattr(builtins, "open", no_reading)
         m.setattr(io, "open", no_reading)
         m.setattr(Image, "open", no_reading)
-        assert ds.fingerprint() == fp
+        assert ds.fingerprint() == fp  # hashes are taken once, by load_dataset
+    with monkeypatch.context() as m:
+        m.setattr(data, "file_sha256", no_reading)
+        m.setattr(Image, "open", no_reading)
+        assert load_dataset(data_dir=root, memo=memo).fingerprint() == fp  # and remembered in the memo
+    # A touched file (a fresh copy or unpack) has the same bytes: same data. New bytes: other data.
     os.utime(ds.train[0].path, ns=(1, 1))
-    assert ds.fingerprint() != fp
+    assert load_dataset(data_dir=root, memo=memo).fingerprint() == fp
+    save_jpeg(ds.train[0].path, size=(12, 10), seed=999)
+    changed = load_dataset(data_dir=root, memo=memo)
+    assert changed.fingerprint() != fp
+    assert changed.identity()["train"] != ds.identity()["train"] and changed.identity()["valid"] == ds.identity()["valid"]
     assert load_dataset(data_dir=root, split_seed=3).fingerprint() != load_dataset(data_dir=root).fingerprint()
+
+
+# ---------------------------------------------------------------------------
+# One rule for verify and the harness (issue 13, point 4), and class names
+
+def test_dangling_symlink_is_left_out_alike_by_verify_and_load(tmp_path):
+    root = make_user_folder(tmp_path / "links", {"train/a": 3, "train/b": 3, "valid/a": 2, "valid/b": 2})
+    (root / "train" / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    report, usable = audit(data_dir=root)
+    assert usable and "gone.jpg: it is a broken symbolic link" in report
+    with pytest.warns(UserWarning, match="gone.jpg: it is a broken symbolic link"):
+        ds = load_dataset(data_dir=root)
+    assert [Path(p).name for p in ds.skipped] == ["gone.jpg"] and len(ds.train) == 6
+    assert len(ds.fingerprint()) == 64  # once a FileNotFoundError
+
+
+@pytest.mark.parametrize("how", ["empty class folders", "0-byte files"])
+def test_no_decodable_valid_image_is_unusable_for_verify_and_load(tmp_path, how):
+    root = make_user_folder(tmp_path / "novalid", {"train/a": 3, "train/b": 3, "valid/a": 2, "valid/b": 2})
+    for f in (root / "valid").rglob("*.jpg"):
+        if how == "0-byte files":
+            f.write_bytes(b"")
+        else:
+            f.unlink()
+    report, usable = audit(data_dir=root)
+    assert not usable and "no decodable valid images at all" in report
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DatasetError, match="(?s)NOT USABLE: no decodable valid images at all.*verify --data-dir"):
+            load_dataset(data_dir=root)
+
+
+def test_class_without_decodable_train_image_is_refused_by_load_as_by_verify(tmp_path):
+    root = make_user_folder(tmp_path / "notrain", {"train/a": 3, "train/b": 2, "valid/a": 2, "valid/b": 2})
+    for f in (root / "train" / "b").iterdir():
+        f.write_bytes(b"")
+    report, usable = audit(data_dir=root)
+    assert not usable and "verdict: NOT USABLE: no decodable train images of class 'b'" in report
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DatasetError, match=r"(?s)NOT USABLE: no decodable train images of class 'b'.*img0.jpg"):
+            load_dataset(data_dir=root)
+
+
+def test_an_archive_root_of_split_folders_is_not_taken_for_classes(tmp_path):
+    # fruits as its archive unpacks: train_zip/train/*.jpg and test_zip/test/*.jpg
+    root = make_user_folder(tmp_path / "archive", {"train_zip/train": 4, "test_zip/test": 2})
+    with pytest.raises(DatasetError, match=r"folders test_zip, train_zip look like dataset splits, not classes"):
+        load_dataset(data_dir=root)
+    assert "look like dataset splits" in audit(data_dir=root)[0]
+    # with the expected layout one level down, the error names that folder
+    make_user_folder(root, {"Covid19-dataset/train/x": 3, "Covid19-dataset/train/y": 3,
+                            "Covid19-dataset/test/x": 1, "Covid19-dataset/test/y": 1})
+    with pytest.raises(DatasetError, match=r"pass --data-dir .*archive/Covid19-dataset"):
+        load_dataset(data_dir=root)
+
+
+def test_class_names_in_any_script_and_spelt_differently_across_splits(tmp_path):
+    root = make_user_folder(tmp_path / "food", {"train/crème brûlée": 3, "train/яблоко": 3, "train/Apple": 3,
+                                                "valid/Crème Brûlée": 1, "valid/яблоко": 1, "valid/apple": 1})
+    with pytest.warns(UserWarning) as caught:
+        ds = load_dataset(data_dir=root)
+    notes = {str(w.message).split(": ", 1)[1] for w in caught}
+    assert notes == {"class 'apple' is spelt 'Apple' and 'apple' in train/ and valid/: taken as one class",
+                     "class 'crème_brûlée' is spelt 'Crème Brûlée' and 'crème brûlée' in train/ and valid/: "
+                     "taken as one class"}
+    assert ds.classes == ["apple", "crème_brûlée", "яблоко"]
+    assert counts(ds) == {"train": {"apple": 3, "crème_brûlée": 3, "яблоко": 3},
+                          "valid": {"apple": 1, "crème_brûlée": 1, "яблоко": 1}}
+    clash = make_user_folder(tmp_path / "clash2", {"train/apple": 2, "train/Apple": 2, "train/pear": 2,
+                                                   "valid/apple": 1, "valid/pear": 1})
+    with pytest.raises(DatasetError, match=r"class folders 'train/Apple', 'train/apple' all mean class 'apple'"):
+        load_dataset(data_dir=clash)
+
+
+def test_valid_and_test_both_present_says_which_is_used(tmp_path):
+    root = make_user_folder(tmp_path / "both", {"train/a": 3, "train/b": 3, "val/a": 1, "val/b": 1,
+                                                "test/a": 1, "test/b": 1})
+    with pytest.warns(UserWarning, match=r"using val/ as the validation split, test/ is not used"):
+        ds = load_dataset(data_dir=root)
+    assert all("val" in s.path.parts for s in ds.valid)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decompression_bomb_warning_names_the_file(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 12x10 = 120 pixels: over it, under twice it
+    paths = [save_jpeg(tmp_path / f"big{i}.jpg", size=(12, 10), seed=i) for i in range(4)]
+    with pytest.warns(Image.DecompressionBombWarning) as caught:
+        images, kept, failed = load_images([Sample(p, 0) for p in paths], 8, workers=workers, progress=False)
+    assert kept == [0, 1, 2, 3]
+    assert {str(p) for p in paths} <= {str(w.message).split(": ")[0] for w in caught}

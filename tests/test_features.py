@@ -5,6 +5,7 @@ PNG files, so they exercise the real code paths in well under a second each.
 """
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 
@@ -102,14 +103,15 @@ def test_train_view_jitter_is_mild_and_crops_vary():
 def test_extract_shapes_and_determinism():
     backbone = tiny_backbone()
     images = random_images(7, 40)
-    out = extract(backbone, images, views=3, augment=True, seed=5, batch_size=3, progress=False)
+    fp32 = dict(progress=False, precision="fp32")  # numbers compared at float32 tolerance, whatever "auto" picks here
+    out = extract(backbone, images, views=3, augment=True, seed=5, batch_size=3, **fp32)
     assert out.shape == (3, 7, 8) and out.dtype == torch.float32
-    assert torch.equal(extract(backbone, images, views=3, augment=True, seed=5, batch_size=3, progress=False), out)
+    assert torch.equal(extract(backbone, images, views=3, augment=True, seed=5, batch_size=3, **fp32), out)
     # Other batches draw the same views; only the convolution's rounding may differ.
-    again = extract(backbone, images, views=3, augment=True, seed=5, batch_size=4, progress=False)
+    again = extract(backbone, images, views=3, augment=True, seed=5, batch_size=4, **fp32)
     assert torch.allclose(out, again, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out[0], out[1])  # views differ
-    other = extract(backbone, images, views=3, augment=True, seed=6, batch_size=3, progress=False)
+    other = extract(backbone, images, views=3, augment=True, seed=6, batch_size=3, **fp32)
     assert not torch.allclose(out, other)
     plain = extract(backbone, images, progress=False, precision="fp32")
     assert plain.shape == (1, 7, 8)
@@ -173,7 +175,8 @@ def splits(tmp_path) -> DatasetSplits:
 
 
 def run(backbone, splits, cache_dir, split="train", **kw) -> FeatureSet:
-    options = dict(views=2, augment=True, seed=0, image_size=32, decode_size=40)
+    # float32 unless a test asks for bf16: "auto" would pick bf16 on CPUs that have it natively.
+    options = dict(views=2, augment=True, seed=0, image_size=32, decode_size=40, precision="fp32")
     options.update(kw)
     if split == "valid":
         options.update(views=kw.get("views", 1), augment=kw.get("augment", False))
@@ -220,7 +223,7 @@ def test_corrupt_cache_file_is_recomputed_with_a_warning(splits, tmp_path):
     path.write_bytes(path.read_bytes()[:100])  # a truncated write
     with pytest.warns(UserWarning, match="unusable.*recomputing"):
         second = cached_features(backbone, splits, "train", views=2, augment=True, image_size=32, decode_size=40,
-                                 cache_dir=tmp_path / "cache", progress=False)
+                                 cache_dir=tmp_path / "cache", progress=False, precision="fp32")
     assert not second.cache_hit and torch.equal(second.features, first.features)
     assert run(backbone, splits, tmp_path / "cache").cache_hit  # the rewritten file is good
 
@@ -234,7 +237,7 @@ def test_cache_file_with_wrong_contents_is_recomputed(splits, tmp_path):
     torch.save(entry, path)
     with pytest.warns(UserWarning, match="do not fit"):
         again = cached_features(backbone, splits, "train", views=2, augment=True, image_size=32, decode_size=40,
-                                cache_dir=tmp_path / "cache", progress=False)
+                                cache_dir=tmp_path / "cache", progress=False, precision="fp32")
     assert not again.cache_hit and again.features.shape == (2, 6, 8)
 
 
@@ -301,3 +304,70 @@ def test_trunk_features_are_cached_apart_from_pooled_ones(splits, tmp_path):
 def test_cached_features_rejects_a_bad_split(splits, tmp_path):
     with pytest.raises(ValueError, match="'train' or 'valid'"):
         cached_features(tiny_backbone(), splits, "test", views=1, augment=False, cache_dir=tmp_path, progress=False)
+
+
+def test_native_bf16_detection_can_be_forced_for_the_other_kind_of_cpu(monkeypatch):
+    """LOSSBANK_NATIVE_BF16 lets one machine run the suite as an AVX2-only CPU (0) or a bf16 one (1)."""
+    monkeypatch.setenv(features.NATIVE_BF16_ENV, "0")
+    assert features.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setenv(features.NATIVE_BF16_ENV, "1")
+    assert features.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.delenv(features.NATIVE_BF16_ENV)
+    detected = torch.cpu._is_avx512_bf16_supported() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    assert features.native_bf16("cpu") == detected
+
+
+def test_cached_bf16_trunk_and_pooled_features_agree_to_bf16_precision(splits, tmp_path):
+    """The bf16 path on purpose, whatever this CPU has: tiny inputs, so cheap even where bf16 is emulated."""
+    backbone = dataclasses.replace(tiny_backbone(), last_stages=("2", "3", "4"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no native bf16")
+        pooled = run(backbone, splits, tmp_path / "cache", precision="bf16")
+        trunk = run(backbone, splits, tmp_path / "cache", part="trunk", precision="bf16")
+    assert pooled.precision == trunk.precision == "bf16"
+    fp32 = run(backbone, splits, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # bf16 features never stand in for fp32 ones
+    _, tail = backbone.split()
+    with torch.no_grad():
+        from_trunk = tail(trunk.features.flatten(0, 1)).view(2, 6, 8)
+    # bf16 keeps 8 bits of mantissa: agreement to about 1 %, not float32's 1e-6.
+    for bf16 in (pooled.features, from_trunk):
+        relative = (bf16 - fp32.features).norm(dim=-1) / fp32.features.norm(dim=-1)
+        assert 0 < relative.max() < 0.05
+
+
+def test_a_cache_that_cannot_be_written_keeps_the_features(splits, tmp_path, monkeypatch):
+    backbone = tiny_backbone()
+    expected = run(backbone, splits, tmp_path / "good").features
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2112 vs 2006")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.warns(UserWarning, match=r"features are not cached: cannot write .*toy-set_train.*unexpected pos"):
+        result = run(backbone, splits, tmp_path / "full")
+    assert torch.equal(result.features, expected) and not result.cache_hit
+    assert list((tmp_path / "full").iterdir()) == []  # no half-written or temporary file left behind
+
+
+def test_cache_files_are_as_readable_as_any_new_file(splits, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        run(tiny_backbone(), splits, tmp_path / "cache")
+    finally:
+        os.umask(previous)
+    [path] = (tmp_path / "cache").iterdir()
+    assert path.stat().st_mode & 0o777 == 0o644  # a shared cache is readable by the others who use it
+
+
+def test_workers_reach_the_decoding_of_cached_features(splits, tmp_path, monkeypatch):
+    seen = []
+    real = features.load_images
+
+    def spy(samples, size, workers=2, progress=True):
+        seen.append(workers)
+        return real(samples, size, workers=workers, progress=progress)
+
+    monkeypatch.setattr(features, "load_images", spy)
+    run(tiny_backbone(), splits, tmp_path / "cache", workers=1)
+    assert seen == [1]
