@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .files import write_text_atomically
+
 # A run is identified by these fields; a second record with the same identity
 # (e.g. after merging shard folders) is a duplicate.
 RUN_KEY_FIELDS = ("dataset", "backbone", "mode", "loss", "seed", "train_fraction")
@@ -213,6 +215,26 @@ def _ci95(values) -> float:
     return t_quantile_975(len(values) - 1) * _std(values) / math.sqrt(len(values))
 
 
+def _data_of(rec: dict):
+    signature = rec.get("signature")
+    return signature.get("data") if isinstance(signature, dict) else None
+
+
+def _refuse_mixed_data(runs: list[dict]) -> None:
+    """Runs of one dataset name made on different data (other classes or files) must never share a table."""
+    first: dict[str, dict] = {}
+    for rec in runs:
+        seen = first.setdefault(rec["dataset"], rec)
+        if _data_of(seen) != _data_of(rec):
+            where = [r.get("_file", f"a record of {r['loss']} seed {r['seed']}") for r in (seen, rec)]
+            describe = [json.dumps(_data_of(r)) if _data_of(r) else "no record of its data (older lossbank)"
+                        for r in (seen, rec)]
+            raise ValueError(
+                f"runs of {rec['dataset']!r} were made on different data and cannot be summarised together: "
+                f"{where[0]} ({describe[0]}) and {where[1]} ({describe[1]}); keep each dataset version in its own "
+                f"results folder")
+
+
 def _first_appearance(values) -> dict:
     order: dict = {}
     for v in values:
@@ -242,6 +264,7 @@ def summarise(runs: list[dict]) -> pd.DataFrame:
     runs = _dedupe(runs)
     if not runs:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    _refuse_mixed_data(runs)
 
     orders = {f: _first_appearance(r[f] for r in runs) for f in ("dataset", "backbone", "mode", "loss")}
     groups: dict[tuple, list[dict]] = {}
@@ -306,6 +329,13 @@ def _num(x, digits=1) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
+def _epoch(x) -> str:
+    """An epoch, or a mean of epochs over seeds: "7" when whole, "7.5" when not."""
+    if x is None or not np.isfinite(x):
+        return "—"
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
 def _seeds_cell(row) -> str:
     return f"{row.seeds}" + (f" (+{row.failed} failed)" if row.failed else "")
 
@@ -358,7 +388,7 @@ def format_table(summary: pd.DataFrame, dataset: str) -> str:
         for row in part.itertuples(index=False):
             rows.append([str(row.loss)] + ([f"{row.train_fraction:g}"] if several_fractions else []) + [
                 _seeds_cell(row), _pct(row.top1_mean, row.top1_std),
-                _pct(row.best_top1_mean, row.best_top1_std), _num(row.best_epoch_mean),
+                _pct(row.best_top1_mean, row.best_top1_std), _epoch(row.best_epoch_mean),
                 _pct(row.top3_mean, row.top3_std), _pct(row.f1_mean, row.f1_std),
                 _num(row.train_seconds_mean)])
         lines += _md_table(header, rows, align) + [""]
@@ -690,39 +720,56 @@ def _summary_get(row, field):
 
 
 def plot_final_accuracy(summary: pd.DataFrame, dataset: str, plots_dir, backbone=None, mode=None,
-                        train_fraction=None) -> Path:
-    """Bar chart of final valid top-1 (%) per loss in summary (registry) order, with
-    std error bars and the values written above the bars."""
+                        train_fraction=None, runs: list[dict] | None = None) -> Path:
+    """Final valid top-1 (%) per loss in summary (registry) order: every seed as a dot (from ``runs``), the mean
+    as a bar-free marker with its 95 % t-interval, on an axis zoomed to the values so that 95 and 98 look apart.
+    The title says what one valid image is worth, the resolution of every number on it."""
     rows = [row for _, row in summary.iterrows()]
     rows, backbone, mode, frac, qualified = _select(
         rows, dataset, backbone, mode, train_fraction, "plot_final_accuracy", _summary_get)
     part = pd.DataFrame(rows)
     losses = list(part["loss"])
     colors = _loss_colors(list(dict.fromkeys(summary["loss"])))
-    fig = Figure(figsize=(max(6.5, 1.0 * len(losses) + 2.5), 5.4), dpi=DPI, layout="constrained")
+    seeds_of = {loss: [100 * _as_float(r["final"]["valid_top1"]) for r in runs or []
+                       if r["status"] == "ok" and r["dataset"] == dataset and r["backbone"] == backbone
+                       and r["mode"] == mode and r["loss"] == loss
+                       and round(float(r["train_fraction"]), 6) == frac] for loss in losses}
+    fig = Figure(figsize=(max(6.5, 0.9 * len(losses) + 2.5), 5.4), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(losses))
     means = 100 * part["top1_mean"].to_numpy(dtype=float)
-    stds = 100 * part["top1_std"].to_numpy(dtype=float)
-    ax.bar(x, np.nan_to_num(means), yerr=np.where(np.isfinite(stds), stds, 0.0), capsize=4,
-           color=[colors[l] for l in losses], edgecolor="black", linewidth=0.6)
-    for xi, (m, s, row) in enumerate(zip(means, stds, part.itertuples(index=False))):
+    cis = 100 * part["top1_ci95"].to_numpy(dtype=float)
+    for xi, (loss, m, ci, row) in enumerate(zip(losses, means, cis, part.itertuples(index=False))):
+        dots = seeds_of[loss]
+        if dots:
+            jitter = np.linspace(-0.12, 0.12, len(dots)) if len(dots) > 1 else [0.0]
+            ax.scatter(xi + np.asarray(jitter), dots, s=14, color="dimgrey", alpha=0.7, zorder=2, linewidths=0)
         if np.isfinite(m):
-            text = f"{m:.1f}" + (f"\n±{s:.1f}" if np.isfinite(s) else "")
-            top = m + (s if np.isfinite(s) else 0.0)
+            ax.errorbar([xi + 0.25], [m], yerr=[[ci], [ci]] if np.isfinite(ci) else None, fmt="D",
+                        color=colors[loss], markersize=7, capsize=5, elinewidth=1.6, zorder=3)
+            text = f"{m:.1f}" + (f"\n±{ci:.1f}" if np.isfinite(ci) else "")
         else:
-            text, top = f"all {_plural(row.failed, 'run')}\nfailed", 0.0
+            text = f"all {_plural(row.failed, 'run')}\nfailed"
         if row.failed and np.isfinite(m):
             text += f"\n({row.failed} failed)"
-        ax.text(xi, top + 1.0, text, ha="center", va="bottom", fontsize=8.5)
+        ax.annotate(text, (xi + 0.25, m if np.isfinite(m) else np.nan), xytext=(8, 0), textcoords="offset points",
+                    fontsize=8, va="center")
+    values = [v for loss in losses for v in seeds_of[loss]]
+    values += [v for m, ci in zip(means, cis) for v in ((m - ci, m + ci) if np.isfinite(ci) else (m,)) if np.isfinite(v)]
+    low, high = (min(values), max(values)) if values else (0.0, 100.0)
+    pad = max(1.0, 0.15 * (high - low))
+    ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad) + 0.5)
     ax.set_xticks(x, losses, rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(losses) - 0.1)
     ax.set_ylabel("final valid top-1 accuracy (%)")
-    ax.set_ylim(0, 118)
-    ax.set_yticks(np.arange(0, 101, 20))
     ax.grid(axis="y", alpha=0.3)
     seeds = int(part["seeds"].max()) if len(part) else 0
-    ax.set_title(f"{_context(dataset, backbone, mode, frac)}:\nfinal valid top-1 per loss "
-                 f"(mean ± std over {_plural(seeds, 'seed')})", fontsize=12)
+    n_valid = part["num_valid"].dropna()
+    resolution = f"; one valid image = {100 / float(n_valid.iloc[0]):.1f} points" if len(n_valid) and n_valid.iloc[0] else ""
+    spread = (f"seeds (dots), mean with 95 % interval over {_plural(seeds, 'seed')}" if seeds > 1
+              else "one seed, so no interval")
+    ax.set_title(f"{_context(dataset, backbone, mode, frac)}:\nfinal valid top-1 per loss: {spread}{resolution}",
+                 fontsize=11)
     path = _plot_path(plots_dir, dataset, backbone, mode, frac, qualified, "final_accuracy")
     fig.savefig(path, dpi=DPI)
     return path
@@ -847,35 +894,37 @@ def _plots_digest(runs: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def _read_stamp(plots_dir: Path) -> tuple[str | None, list[str]]:
-    """The digest and plot file names of the last drawing into ``plots_dir``; ``(None, [])`` if none is readable.
+def _read_stamps(plots_dir: Path) -> dict[str, dict]:
+    """{results folder: {"digest", "plots"}} of the drawings made into ``plots_dir``; {} if none is readable.
 
-    Names, not paths: the plots live directly in ``plots_dir``, and the stamp may have been written from
-    another working directory.
+    Plots are listed by name, not path: they live directly in ``plots_dir``, and the stamp may have been
+    written from another working directory. A plots folder can be shared by several results folders, so
+    each keeps its own entry.
     """
     try:
-        stamp = json.loads((plots_dir / PLOTS_STAMP).read_text())
-        plots = stamp["plots"]
-        if not isinstance(plots, list):
-            return None, []
-        return stamp.get("digest"), [Path(str(p)).name for p in plots]
+        stamps = json.loads((plots_dir / PLOTS_STAMP).read_text())["by_out"]
+        return {str(out): {"digest": entry.get("digest"), "plots": [Path(str(p)).name for p in entry["plots"]]}
+                for out, entry in stamps.items() if isinstance(entry, dict) and isinstance(entry.get("plots"), list)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None, []
+        return {}
 
 
-def _stamp_plots(plots_dir: Path, digest: str, plots: list[Path], stale: set[str]) -> None:
-    """Record what was drawn, and delete ``stale``: what the last drawing made that this one no longer does.
+def _stamp_plots(plots_dir: Path, out_dir: Path, digest: str, plots: list[Path], stamps: dict[str, dict]) -> None:
+    """Record what ``out_dir``'s report drew, and delete what its last drawing made that this one no longer does.
 
     A dataset's plots get backbone and mode in their names once it has runs in a second mode, so the
-    unqualified ones of the first mode would otherwise stay behind, stale, beside them. Only names from
-    the previous stamp are passed in: anything else in the folder is not ours.
+    unqualified ones of the first mode would otherwise stay behind, stale, beside them. Only names this
+    results folder drew before, and no other results folder's drawing lists, are deleted: anything else
+    in the folder is not ours.
     """
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    for name in stale:
+    mine = str(Path(out_dir).resolve())
+    drawn = {Path(p).name for p in plots}
+    others = {name for out, entry in stamps.items() if out != mine for name in entry["plots"]}
+    for name in set(stamps.get(mine, {}).get("plots", [])) - drawn - others:
         if name.endswith(".png"):
             (plots_dir / name).unlink(missing_ok=True)
-    stamp = {"digest": digest, "plots": [str(p) for p in plots]}
-    (plots_dir / PLOTS_STAMP).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
+    stamps = {**stamps, mine: {"digest": digest, "plots": sorted(drawn)}}
+    write_text_atomically(plots_dir / PLOTS_STAMP, json.dumps({"by_out": stamps}, indent=1))
 
 
 def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list[dict] | None = None) -> dict:
@@ -909,21 +958,22 @@ def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list
     tables = write_tables(summary, out_dir)
     # Drawing is most of the report's time: a rerun that finished no new run reuses the last drawing.
     digest = _plots_digest(runs)
-    stamped_digest, stamped = _read_stamp(plots_dir)
-    redraw = stamped_digest != digest or not all((plots_dir / name).is_file() for name in stamped)
-    plots = [] if redraw else [plots_dir / name for name in stamped]
+    stamps = _read_stamps(plots_dir)
+    stamped = stamps.get(str(out_dir.resolve()), {"digest": None, "plots": []})
+    redraw = stamped["digest"] != digest or not all((plots_dir / name).is_file() for name in stamped["plots"])
+    plots = [] if redraw else [plots_dir / name for name in stamped["plots"]]
     for dataset in dict.fromkeys(summary["dataset"]) if redraw else ():
         ds_runs = [r for r in runs if r["dataset"] == dataset]
         for backbone, mode in _combos(summary[summary["dataset"] == dataset]):
             kw = dict(backbone=backbone, mode=mode)
             plots.append(plot_loss_curves(ds_runs, dataset, plots_dir, **kw))
             plots.append(plot_accuracy_curves(ds_runs, dataset, plots_dir, **kw))
-            plots.append(plot_final_accuracy(summary, dataset, plots_dir, **kw))
+            plots.append(plot_final_accuracy(summary, dataset, plots_dir, runs=ds_runs, **kw))
             fraction_plot = plot_fraction_study(summary, dataset, plots_dir, **kw)
             if fraction_plot is not None:
                 plots.append(fraction_plot)
     if redraw:
-        _stamp_plots(plots_dir, digest, plots, stale=set(stamped) - {Path(p).name for p in plots})
+        _stamp_plots(plots_dir, out_dir, digest, plots, stamps)
 
     if timing is not None:
         sections = dict(timing["sections"])
@@ -944,7 +994,7 @@ def main(argv=None) -> int:
         description="Merge the finished runs under OUT/runs into tables (OUT/summary.csv, "
                     "OUT/<dataset>/accuracy.md, ...) and plots, and list runs of OUT/grid.json "
                     "that have not finished.")
-    parser.add_argument("--out", default="results", help="results folder holding runs/ (default: results)")
+    parser.add_argument("--out", default="out", help="results folder holding runs/ (default: out, as evaluation.run)")
     parser.add_argument("--plots", default=None, help="where to put the PNGs (default: OUT/plots)")
     args = parser.parse_args(argv)
     out = Path(args.out)

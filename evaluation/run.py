@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
+import re
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -26,6 +27,7 @@ from . import backbones as bb
 from . import data
 from . import distributed
 from . import features as feats
+from .files import WriteError, write_atomically, write_json_atomically, write_text_atomically
 from .train import TrainConfig, build_classifier, feature_batches, fit, frozen_copy
 
 EXAMPLES = """\
@@ -47,6 +49,12 @@ examples:
 DEFAULT_EPOCHS = {"frozen": 30, "finetune": 8}
 DEFAULT_BATCH = {"frozen": 32, "finetune": 32}
 DEFAULT_FEATURE_CACHE = Path("~/.cache/lossbank/features")
+# Not results/: that folder holds what RESULTS.md is built from, and a user's first run must not overwrite it.
+DEFAULT_OUT = Path("out")
+DEVICES = ("auto", "cpu", "cuda")
+# AdamW's first step is 10x the learning rate; beyond this every run diverges at once (and near
+# 3e37 the step overflows float32), so a larger value is a typo.
+MAX_LR = 10.0
 # Fine-tuning moves pretrained stages with smaller steps than the new head.
 BACKBONE_LR_SCALE = 0.1
 
@@ -104,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "else fp32; channels_last either way. fp64: train in float64 on fp32 features, slow: "
                             "for checking numerics (the test that torchrun matches one process uses it)")
     run = p.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default results/)")
+    run.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT}/)")
     run.add_argument("--plots", type=Path, help="plots folder (default OUT/plots)")
     run.add_argument("--cache-dir", type=Path, default=DEFAULT_FEATURE_CACHE, help="feature cache (default ~/.cache/lossbank/features)")
     run.add_argument("--workers", type=int, default=2, help="processes decoding images (default 2)")
@@ -133,8 +141,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [f for f in args.train_fraction if not (0 < f <= 1)]
     if bad:
         parser.error(f"--train-fraction must be in (0, 1], e.g. 0.25; got {', '.join(map(str, bad))}")
-    if len(set(args.train_fraction)) != len(args.train_fraction) or len(set(args.seeds)) != len(args.seeds):
-        parser.error("--train-fraction and --seeds must not repeat a value")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds must not repeat a value")
+    named = defaultdict(list)
+    for f in args.train_fraction:
+        named[f"{f:g}"].append(f)  # the record's name keeps 6 significant digits (record_path)
+    same = [vs for vs in named.values() if len(vs) > 1]
+    if same:
+        parser.error(f"--train-fraction {' and '.join(map(str, same[0]))} are the same run (fractions are kept to 6 "
+                     f"significant digits); give each fraction once")
     args.epochs = DEFAULT_EPOCHS[args.mode] if args.epochs is None else args.epochs
     args.batch_size = DEFAULT_BATCH[args.mode] if args.batch_size is None else args.batch_size
     if args.hidden < 0:
@@ -144,16 +159,21 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     if args.patience < 0:
         parser.error(f"--patience must be >= 0; got {args.patience}")
-    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        parser.error(f"--lr must be a positive number; got {args.lr}")
+    if args.lr is not None and not (0 < args.lr <= MAX_LR):
+        parser.error(f"--lr must be a positive number up to {MAX_LR:g}; got {args.lr}")
     if not (0 <= args.dropout < 1):
         parser.error(f"--dropout must be in [0, 1); got {args.dropout}")
     if args.decode_size < args.image_size:
         parser.error(f"--decode-size ({args.decode_size}) must be at least --image-size ({args.image_size})")
+    if args.device not in DEVICES and not re.fullmatch(r"cuda:\d+", args.device):
+        parser.error(f"--device {args.device!r}: use auto (CUDA when available), cpu, cuda or cuda:N (one GPU)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here; use --device cpu")
+        parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    elif args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                     f"numbered from 0")
     if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
         parser.error(f"--weights: no file at {args.weights}; give imagenet, none or the path of a state_dict file")
     if args.data_dir is not None and not args.data_dir.expanduser().is_dir():
@@ -186,25 +206,19 @@ def record_path(out: Path, key: dict) -> Path:
             / f"seed{key['seed']}-frac{key['train_fraction']:g}.json")
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """write(tmp) then rename over ``path``: a killed process never leaves half a file there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomically(obj, path: Path) -> None:
-    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
-
-
 def save_model_atomically(model: torch.nn.Module, path: Path) -> None:
-    _replace_atomically(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    write_atomically(path, lambda tmp: torch.save(model.state_dict(), tmp))
 
 
-def run_signature(args, weights_hash: str) -> dict:
-    """The settings that must agree for a finished run to be reused."""
+def data_path(out: Path, label: str) -> Path:
+    """Where the files a dataset's runs were made on are listed, to name what changed if they change."""
+    return out / "datasets" / f"{label}.json"
+
+
+def run_signature(args, weights_hash: str, splits: data.DatasetSplits) -> dict:
+    """What must agree for a finished run to be reused: the settings, and the data it was trained and evaluated on."""
     return {
+        "data": splits.identity(),
         "weights_hash": weights_hash, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "weight_decay": args.weight_decay, "patience": args.patience, "hidden": args.hidden, "dropout": args.dropout,
         "views": args.views if args.mode == "frozen" else None, "image_size": args.image_size,
@@ -284,16 +298,18 @@ def run_dataset(args, splits: data.DatasetSplits, label: str, backbone: bb.Backb
                         continue
                 if is_teacher and teacher_saved:
                     teacher_model = load_model(args, inputs(), splits, backbone, loss, seed, fraction, path)
-                    continue
+                    if teacher_model is not None:
+                        continue
                 if loss == "distillation" and teacher_model is None:
                     record = {**key, "status": "failed", "failed_epoch": 0, "history": [],
                               "failure": f"its teacher ({args.teacher}) failed to train", "command": command,
-                              "signature": run_signature(args, backbone.weights_hash)}
+                              "signature": run_signature(args, backbone.weights_hash, splits)}
                     if args.ctx.main:
                         write_json_atomically(record, path)
                     continue
+                given = inputs()  # loaded (or extracted) outside the timing of the first loss's training
                 t0 = time.perf_counter()
-                record, model = train_run(args, inputs(), splits, backbone, key, command, progress,
+                record, model = train_run(args, given, splits, backbone, key, command, progress,
                                           teacher=teacher_model if loss == "distillation" else None)
                 timer.add(f"train:{loss}", time.perf_counter() - t0)
                 if recorded and args.ctx.main:
@@ -312,7 +328,7 @@ def prepare_inputs(args, splits, label, backbone, timer, progress) -> dict:
     if args.mode == "frozen" or args.unfreeze == "last":
         common = dict(image_size=args.image_size, decode_size=args.decode_size,
                       precision="fp32" if args.precision == "fp64" else args.precision,
-                      device=args.device, cache_dir=args.cache_dir, progress=progress,
+                      device=args.device, cache_dir=args.cache_dir, progress=progress, workers=args.workers,
                       part="pooled" if args.mode == "frozen" else "trunk")
 
         def cached():
@@ -417,10 +433,23 @@ def finetune_batches(args, net, inputs, labels, seed, *, train: bool, cached: bo
 
 
 def load_model(args, inputs, splits, backbone, loss, seed, fraction, path):
+    """The saved teacher model of a finished run, or None (with a warning) when its file is unusable: it is then retrained."""
     model = _make_model(args, inputs, splits, backbone, loss, seed, fraction)[0]  # not yet wrapped in DDP
+    weights = path.with_suffix(".pt")
     # Read by the main process only: other nodes need not share --out.
-    state = torch.load(path.with_suffix(".pt"), map_location="cpu", weights_only=True) if args.ctx.main else None
-    model.load_state_dict(distributed.from_main(state, args.ctx))
+    state = None
+    if args.ctx.main:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as exc:  # truncated, foreign or older files are all just retrained
+            warnings.warn(f"the saved teacher model {weights} is unusable ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); training the teacher again")
+            state = None
+    state = distributed.from_main(state, args.ctx)
+    if state is None:
+        return None
+    model.load_state_dict(state)
     return frozen_copy(model)
 
 
@@ -446,36 +475,95 @@ def train_run(args, inputs, splits, backbone, key, command, progress, teacher=No
                      train_mode=train_mode, progress=on_epoch)
     finally:
         bar.close()
+    signature = run_signature(args, backbone.weights_hash, splits)
+    settings = {k: v for k, v in signature.items() if k != "data"}
     record = {
         **key, "weights_hash": backbone.weights_hash, "status": result.status, "failed_epoch": result.failed_epoch,
         "failure": result.failure, "classes": splits.classes, "num_train": n_train, "num_valid": len(inputs["valid_y"]),
         "train_class_counts": counts, "history": result.history, "best_epoch": result.best_epoch,
         "best_valid_top1": result.best_valid_top1, "final": result.final, "train_seconds": result.train_seconds,
-        "config": {**config.as_dict(key["loss"]), **run_signature(args, backbone.weights_hash), "lr": lr,
+        "config": {**config.as_dict(key["loss"]), **settings, "lr": lr,
                    "device": args.device, "teacher": args.teacher if key["loss"] == "distillation" else None},
-        "signature": run_signature(args, backbone.weights_hash), "notes": splits.notes, "command": command,
-        "skipped_files": inputs["bad_files"], "dropped": splits.dropped,
+        "signature": signature, "notes": splits.notes, "command": command,
+        "skipped_files": splits.skipped + inputs["bad_files"], "dropped": splits.dropped,
     }
     return record, result.model
 
 
 # ---------------------------------------------------------------- the whole command
-def check_finished_runs_agree(args, labels: list[str], weights_hash: str) -> None:
-    """Refuse to mix finished runs made with other settings into this command's results."""
-    want = run_signature(args, weights_hash)
-    for label in labels:
+def read_record(path: Path) -> dict:
+    """A finished run's record; a file that is not one is named, with what to do."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: cannot read finished run {path} ({exc}); delete it to have it rerun")
+    if not isinstance(record, dict) or not isinstance(record.get("signature"), dict):
+        what = "holds " + json.dumps(record)[:40] if not isinstance(record, dict) else "has no signature"
+        raise SystemExit(f"error: {path} is not a run record (it {what}); delete it to have the run redone")
+    return record
+
+
+def describe_data_change(have: dict | None, now: data.DatasetSplits, listed: dict | None) -> str:
+    """What differs between the data a finished run named (``have``, with the file list ``listed`` if kept) and ``now``."""
+    if not have:
+        return "it was made by an older lossbank that did not record which files it used"
+    changes = []
+    if have.get("classes") != now.classes:
+        changes.append(f"the classes were {have.get('classes')}, now {now.classes}")
+    files_now = now.file_list()
+    for split in data.SPLITS:
+        if have.get(split) == now.identity()[split]:
+            continue
+        before = (listed or {}).get(split)
+        if not isinstance(before, dict):
+            changes.append(f"the {split} split had {have.get(split, {}).get('images')} images, now "
+                           f"{len(files_now[split])}, with other files or contents")
+            continue
+        added = [f for f in files_now[split] if f not in before]
+        removed = [f for f in before if f not in files_now[split]]
+        changed = [f for f in files_now[split] if f in before and before[f] != files_now[split][f]]
+        parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                 for what, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
+        changes.append(f"in the {split} split {'; '.join(parts) or 'the labels changed'}")
+    return "; ".join(changes) or "the data differs"
+
+
+def check_finished_runs_agree(args, datasets, weights_hash: str) -> None:
+    """Refuse to mix finished runs made with other settings, or on other data, into this command's results.
+
+    The files of each dataset are listed in OUT/datasets/<label>.json by the first command that trains on it,
+    so that a later command on changed data can say which files changed.
+    """
+    for splits, label in datasets:
+        want = run_signature(args, weights_hash, splits)
+        listing = data_path(args.out, label)
+        listed = None
+        if listing.is_file():
+            try:
+                listed = json.loads(listing.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                listed = None
+        if isinstance(listed, dict) and listed.get("identity") not in (None, want["data"]):
+            raise SystemExit(
+                f"error: {args.out} already holds runs of {label} made on other data ({listing}): "
+                f"{describe_data_change(listed['identity'], splits, listed.get('files'))}.\n"
+                f"Use another --out for this data, or delete {args.out / 'runs' / label} and {listing} to retrain on it.")
         folder = args.out / "runs" / label / f"{args.backbone}-{args.mode}"
         for path in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
-            try:
-                have = json.loads(path.read_text()).get("signature", {})
-            except (OSError, json.JSONDecodeError) as exc:
-                raise SystemExit(f"error: cannot read finished run {path} ({exc}); delete it to have it rerun")
-            diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+            have = read_record(path)["signature"]
+            if have.get("data") != want["data"]:
+                raise SystemExit(
+                    f"error: {args.out} already holds runs of {label} made on other data ({path}): "
+                    f"{describe_data_change(have.get('data'), splits, listed.get('files') if isinstance(listed, dict) else None)}.\n"
+                    f"Use another --out for this data, or delete {args.out / 'runs' / label} to retrain on it.")
+            diff = {k: (have.get(k), v) for k, v in want.items() if k != "data" and have.get(k) != v}
             if diff:
                 details = ", ".join(f"{k} {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
                 raise SystemExit(
                     f"error: {args.out} already holds runs made with other settings ({path}: {details}).\n"
                     f"Use another --out for these settings, or the same settings to resume.")
+        if args.ctx.main and not isinstance(listed, dict):
+            write_json_atomically({"identity": want["data"], "root": str(splits.root), "files": splits.file_list()}, listing)
 
 
 def main(argv=None) -> int:
@@ -495,8 +583,30 @@ def main(argv=None) -> int:
         return 2
     try:
         return _main(args, argv)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished runs are saved in {args.out}; the same command resumes", file=sys.stderr)
+        return 130
+    except (bb.BackboneError, data.DatasetError, WriteError) as exc:
+        # A user's file or folder, not a bug: one line, no traceback. Finished runs are already on disk.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         distributed.shutdown(args.ctx)
+
+
+def check_output_folder(path: Path, option: str) -> None:
+    """Fail before any work when ``path`` cannot hold this command's output."""
+    if path.exists() and not path.is_dir():
+        raise WriteError(f"{option} {path} is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path) as probe:
+            probe.write(b"lossbank")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise WriteError(f"{option} {path} cannot be written to ({exc.strerror or exc}); choose a folder you can "
+                         f"write to, on a disk with free space") from exc
 
 
 def _main(args, argv) -> int:
@@ -507,32 +617,29 @@ def _main(args, argv) -> int:
     command = "python -m evaluation.run " + " ".join(shlex.quote(a) for a in argv)
     start = time.perf_counter()
     timer = Timer()
-    try:
-        bb.check_backbone_available(args.backbone, args.weights)
-    except bb.BackboneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    bb.check_backbone_available(args.backbone, args.weights)
+    if main_process:
+        for path, option in ((args.out, "--out"), (args.plots, "--plots"), (args.cache_dir, "--cache-dir")):
+            check_output_folder(path, option)
     names = list(data.DATASETS) if args.dataset == "all" else [args.dataset] if args.dataset else [None]
-    try:
-        datasets = []
-        for name in names:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                splits = data.load_dataset(name, data_root=args.data_root, data_dir=args.data_dir,
-                                           drop_duplicates=args.drop_duplicates)
-            for w in caught:
-                say(f"warning: {w.message}", file=sys.stderr)
-            datasets.append((splits, dataset_label(splits.name, args.drop_duplicates)))
-    except data.DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    datasets = []
+    for name in names:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # Unusable data (verify's rule) is refused here, before any extraction or training.
+            splits = data.load_dataset(name, data_root=args.data_root, data_dir=args.data_dir,
+                                       drop_duplicates=args.drop_duplicates, workers=args.workers,
+                                       memo=args.cache_dir / "file_checks.json")
+        for w in caught:
+            say(f"warning: {w.message}", file=sys.stderr)
+        datasets.append((splits, dataset_label(splits.name, args.drop_duplicates)))
     t0 = time.perf_counter()
     # Frozen runs whose features are cached never need the network itself: build it lazily.
     backbone = bb.LazyBackbone(args.backbone, args.weights, **({} if main_process else {"memo": None}))
     if args.mode == "finetune":
         backbone = backbone.build()
     timer.add("backbone", time.perf_counter() - t0)
-    check_finished_runs_agree(args, [label for _, label in datasets], backbone.weights_hash)
+    check_finished_runs_agree(args, datasets, backbone.weights_hash)
     say(f"# {command}")
     say(f"# backbone {backbone.name} (weights {args.weights}, hash {backbone.weights_hash}), mode {args.mode}, "
         f"device {args.device}, {len(args.losses)} losses x seeds {args.seeds} x fractions {args.train_fraction}"
@@ -541,7 +648,6 @@ def _main(args, argv) -> int:
              "train_fraction": fraction}
             for _, label in datasets for fraction in args.train_fraction for seed in args.seeds for loss in args.losses]
     if main_process:
-        args.out.mkdir(parents=True, exist_ok=True)
         write_json_atomically(grid, args.out / "grid.json")
     # A distillation run needs its teacher from the same (dataset, fraction, seed), so shards
     # are made of whole groups, dealt out in a fixed order: every job computes the same split.
@@ -560,7 +666,7 @@ def _main(args, argv) -> int:
     timer.add("report", time.perf_counter() - t0)
     timing = {"sections": dict(timer.sections), "total": time.perf_counter() - start}
     write_json_atomically(timing, args.out / "timing.json")
-    (args.out / "timing.md").write_text(report.format_timing(timing), encoding="utf-8")
+    write_text_atomically(args.out / "timing.md", report.format_timing(timing))
     for _, label in datasets:
         print()
         print(report.format_table(result["summary"], label))

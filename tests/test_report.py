@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -467,3 +468,53 @@ def test_results_md_names_the_short_cells(full_report, tmp_path):
             f"best seed {100 * max(top1):.1f} %; best epoch per seed, chosen on valid, {100 * mean + 1:.1f} %. "
             f"The valid set has 226 images (one is 0.44 points): the mean is {(0.97 - mean) * 226:.1f} images short.") in text
     assert "No regeneration from an empty results/ has been timed" in text
+
+
+# ---------------------------------------------------------------- issue 13: shared plots, readable plots, data
+
+def test_a_plots_folder_shared_by_two_results_folders_keeps_both_drawings(tmp_path):
+    plots = tmp_path / "plots"
+    write_runs(tmp_path / "a", [make_run("fruits", "hinge", s) for s in range(2)])
+    write_runs(tmp_path / "b", [make_run("weather", "hinge", s) for s in range(2)])
+    drawn_a = {p.name for p in report.write_report(tmp_path / "a", plots)["plots"]}
+    drawn_b = {p.name for p in report.write_report(tmp_path / "b", plots)["plots"]}
+    assert drawn_a and drawn_b and not drawn_a & drawn_b
+    assert {p.name for p in plots.glob("*.png")} == drawn_a | drawn_b  # b's report deleted none of a's plots
+    # a's own stale plots still go: a second mode renames its plots
+    shutil.rmtree(tmp_path / "a" / "runs")
+    write_runs(tmp_path / "a", [make_run("fruits", "hinge", s, mode=m) for s in range(2) for m in ("frozen", "finetune")])
+    again_a = {p.name for p in report.write_report(tmp_path / "a", plots)["plots"]}
+    assert {p.name for p in plots.glob("*.png")} == again_a | drawn_b
+
+
+def test_final_accuracy_plot_is_zoomed_to_the_values_and_shows_each_seed(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(report.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    runs = [make_run("fruits", loss, s) for loss in ("hinge", "cross_entropy") for s in range(3)]
+    report.plot_final_accuracy(report.summarise(runs), "fruits", tmp_path, runs=runs)
+    [ax] = drawn[0].axes
+    low, high = ax.get_ylim()
+    values = [100 * r["final"]["valid_top1"] for r in runs]
+    assert min(values) - 10 < low < min(values) and max(values) < high <= 100.5  # not 0-118: 80 and 83 look apart
+    dots = sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
+    assert dots >= len(runs)  # every seed drawn, so one seed is visible as one point
+    assert "one valid image = 1.7 points" in ax.get_title()
+
+
+def test_whole_epochs_print_as_integers(tmp_path):
+    md = report.format_table(report.summarise([make_run("fruits", "hinge", 0)]), "fruits")
+    assert "| hinge | 1 | 80.0 | 81.0 | 7 |" in md  # not "7.0"
+    two = report.format_table(report.summarise([make_run("fruits", "hinge", s) for s in (0, 1)]), "fruits")
+    assert "| 8 |" in two  # best epochs 7 and 9: mean 8
+    three = report.format_table(report.summarise([make_run("fruits", "hinge", s) for s in (0, 1, 2)]), "fruits").splitlines()
+    assert any("| 9 |" in line for line in three)
+
+
+def test_runs_of_one_dataset_made_on_other_data_are_refused_together(tmp_path):
+    old, new = make_run("fruits", "hinge", 0), make_run("fruits", "cross_entropy", 0)
+    old["signature"] = {"data": {"classes": ["a", "b"], "train": {"images": 8, "sha256": "1"}, "valid": {"images": 9, "sha256": "2"}}}
+    new["signature"] = {"data": {"classes": ["a", "b"], "train": {"images": 8, "sha256": "1"}, "valid": {"images": 12, "sha256": "3"}}}
+    write_runs(tmp_path, [old, new])
+    with pytest.raises(ValueError, match=r'runs of .fruits. were made on different data.*"images": 9.*"images": 12'):
+        report.write_report(tmp_path)
+    assert report.main(["--out", str(tmp_path)]) == 1

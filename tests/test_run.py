@@ -4,10 +4,14 @@ One feature cache is shared by the module, so EfficientNet-Lite0 runs over fruit
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,9 @@ from lossbank.registry import _REGISTRY
 
 DATA_ROOT = Path(os.environ.get("LOSSBANK_DATA") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
 
-FAST = ["--backbone", "efficientnet_lite0", "--epochs", "3", "--views", "1", "--no-progress"]
+# fp32 pinned: these tests compare numbers between runs, and "auto" picks bf16 on CPUs that have it natively.
+# test_finetune_mode_trains_the_last_stages runs the bf16 path on purpose.
+FAST = ["--backbone", "efficientnet_lite0", "--epochs", "3", "--views", "1", "--no-progress", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +139,14 @@ def test_nan_loss_is_recorded_as_failed_and_the_run_goes_on(tmp_path, cache_dir,
     assert "FAILED in epoch 2" in capsys.readouterr().out
 
 
-def test_users_own_folder(tmp_path, cache_dir):
+def test_users_own_folder(tmp_path, cache_dir, capsys):
     root = write_image_folder(tmp_path / "mine", [(200, 30, 30), (30, 200, 30), (30, 30, 200)], per_class=10, train=7,
                               valid="val", size=(48, 64))
     (root / "train" / "class1" / "broken.jpg").write_bytes(b"")  # undecodable: skipped, counted, never fatal
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="broken.jpg"):
-        assert run.main(["--data-dir", str(root), *FAST, "--losses", "cross_entropy", "--out", str(out),
-                         "--cache-dir", str(cache_dir)]) == 0
+    assert run.main(["--data-dir", str(root), *FAST, "--losses", "cross_entropy", "--out", str(out),
+                     "--cache-dir", str(cache_dir)]) == 0
+    assert "warning: mine: 1 of 31 image files cannot be decoded" in capsys.readouterr().err
     rec = records(out)["cross_entropy/seed0-frac1"]
     assert rec["dataset"] == "mine" and rec["num_train"] == 21 and rec["num_valid"] == 9
     assert rec["classes"] == ["class0", "class1", "class2"]
@@ -152,12 +158,17 @@ def test_finetune_mode_trains_the_last_stages(tmp_path):
     root = write_image_folder(tmp_path / "tiny", [(220, 40, 40), (40, 40, 220)], per_class=6, train=4, prefix="c",
                               size=(40, 40), noise=30, seed=1)
     out = tmp_path / "out"
-    assert run.main(["--data-dir", str(root), "--backbone", "efficientnet_lite0", "--mode", "finetune",
-                     "--epochs", "2", "--batch-size", "4", "--losses", "am_softmax,distillation",
-                     "--no-progress", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    # bf16 on purpose, whatever this CPU has: trunk features and the training step under bf16 autocast.
+    # Where bf16 is emulated this is slow, but the set is tiny.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no native bf16")
+        assert run.main(["--data-dir", str(root), "--backbone", "efficientnet_lite0", "--mode", "finetune",
+                         "--epochs", "2", "--batch-size", "4", "--losses", "am_softmax,distillation", "--precision", "bf16",
+                         "--no-progress", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     recs = records(out)
     for name in ("am_softmax/seed0-frac1", "distillation/seed0-frac1"):
         assert recs[name]["status"] == "ok" and recs[name]["mode"] == "finetune"
+        assert recs[name]["config"]["precision"] == "bf16"
         assert len(recs[name]["history"]) == 2 and recs[name]["num_train"] == 8
         assert recs[name]["config"]["unfreeze"] == "last"
     # The teacher of a finetuned distillation run is the finetuned tail of the backbone and the head,
@@ -165,7 +176,7 @@ def test_finetune_mode_trains_the_last_stages(tmp_path):
     teacher = torch.load(out / "runs/tiny/efficientnet_lite0-finetune/cross_entropy/seed0-frac1.pt", weights_only=True)
     tail = backbones.create_backbone("efficientnet_lite0").split()[1]
     assert {f"backbone.{k}" for k in tail.state_dict()} <= set(teacher) and "head.weight" in teacher
-    assert [p.name.split("_")[1:4] for p in sorted((tmp_path / "cache").iterdir())] == [
+    assert [p.name.split("_")[1:4] for p in sorted((tmp_path / "cache").glob("*.pt"))] == [
         ["train", "efficientnet", "lite0-trunk"], ["valid", "efficientnet", "lite0-trunk"]]
 
 
@@ -181,6 +192,9 @@ def test_finetune_mode_trains_the_last_stages(tmp_path):
         (["--dataset", "mnist"], "invalid choice: 'mnist'"),
         (["--dataset", "fruits", "--weights", "/nonexistent.pth"], "--weights: no file at /nonexistent.pth"),
         ([], "one of the arguments --dataset --data-dir is required"),
+        (["--dataset", "fruits", "--device", "gpu"], "--device 'gpu': use auto (CUDA when available), cpu, cuda"),
+        (["--dataset", "fruits", "--lr", "1e38"], "--lr must be a positive number up to 10; got 1e+38"),
+        (["--dataset", "fruits", "--train-fraction", "0.5,0.5000001"], "--train-fraction 0.5 and 0.5000001 are the same run"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(args, message, capsys, monkeypatch):
@@ -271,3 +285,203 @@ def test_bad_shard_fails_before_any_work(capsys):
     with pytest.raises(SystemExit):
         run.main(["--dataset", "fruits", "--shard", "2/2"])
     assert "--shard must be I/N with 0 <= I < N" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue 13: data identity, user errors, timing
+
+TINY = ["--backbone", "efficientnet_lite0", "--epochs", "2", "--batch-size", "4", "--no-progress", "--precision", "fp32"]
+
+
+def tiny_folder(root: Path, colours=((220, 40, 40), (40, 40, 220)), prefix="c", seed=1) -> Path:
+    return write_image_folder(root, list(colours), per_class=6, train=4, prefix=prefix, size=(40, 40), noise=30, seed=seed)
+
+
+def test_runs_on_other_data_are_never_mixed(tmp_path, capsys):
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    a = tiny_folder(tmp_path / "A" / "images")
+    b = tiny_folder(tmp_path / "B" / "images", prefix="other", seed=2)
+    assert run.main(["--data-dir", str(a), *TINY, "--losses", "cross_entropy", *cache]) == 0
+    # Another folder of the same name, with other classes: refused, not reused beside a new loss's run.
+    with pytest.raises(SystemExit, match=r"runs of images made on other data .*the classes were \['c0', 'c1'\], "
+                                         r"now \['other0', 'other1'\]"):
+        run.main(["--data-dir", str(b), *TINY, "--losses", "cross_entropy,hinge", *cache])
+    # The same folder with one valid image replaced and three added: refused, naming the files.
+    (a / "valid" / "c0" / "4.png").write_bytes((a / "train" / "c0" / "0.png").read_bytes())
+    for i in range(3):
+        (a / "valid" / "c1" / f"new{i}.png").write_bytes((a / "train" / "c1" / f"{i}.png").read_bytes())
+    with pytest.raises(SystemExit, match=r"in the valid split 3 added \(valid/c1/new0.png, valid/c1/new1.png, "
+                                         r"valid/c1/new2.png\); 1 changed \(valid/c0/4.png\)"):
+        run.main(["--data-dir", str(a), *TINY, "--losses", "cross_entropy,hinge", *cache])
+    assert [p.parent.name for p in (tmp_path / "out" / "runs").rglob("*.json")] == ["cross_entropy"]
+    # Touching files changes nothing: the identity is their contents.
+    for f in a.rglob("*.png"):
+        os.utime(f)
+    (a / "valid" / "c0" / "4.png").write_bytes((tmp_path / "B" / "images" / "valid" / "other0" / "4.png").read_bytes())
+    for i in range(3):
+        (a / "valid" / "c1" / f"new{i}.png").unlink()
+    capsys.readouterr()
+    # not the original bytes for 4.png: still refused
+    with pytest.raises(SystemExit, match=r"1 changed \(valid/c0/4.png\)"):
+        run.main(["--data-dir", str(a), *TINY, "--losses", "hinge", *cache])
+
+
+def test_named_datasets_are_keyed_by_their_files_too(tmp_path):
+    """A named dataset's copy that changed is refused like a folder of one's own (here: a partial copy)."""
+    partial = tmp_path / "data" / "fruits"
+    shutil.copytree(DATA_ROOT / "fruits", partial)
+    out = ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--data-root", str(tmp_path / "data")]
+    assert run.main(["--dataset", "fruits", *FAST, "--losses", "hinge", "--epochs", "1", *out]) == 0
+    (partial / "test_zip" / "test" / "apple_77.jpg").unlink()
+    with pytest.raises(SystemExit, match=r"runs of fruits made on other data.*in the valid split 1 removed "
+                                         r"\(test_zip/test/apple_77.jpg\)"):
+        run.main(["--dataset", "fruits", *FAST, "--losses", "hinge", "--epochs", "1", *out])
+
+
+def test_the_default_out_folder_is_ignored_by_git_and_not_results():
+    default = run.parse_args(["--dataset", "fruits"]).out
+    assert default == Path("out") and default != Path("results")
+    repo = Path(__file__).resolve().parents[1]
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{default}/summary.csv"], cwd=repo)
+    tracked = subprocess.run(["git", "ls-files", str(default)], cwd=repo, capture_output=True, text=True).stdout
+    assert ignored.returncode == 0 and tracked == ""
+
+
+def test_an_unusable_dataset_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    root = tiny_folder(tmp_path / "novalid")
+    for f in (root / "valid").rglob("*.png"):
+        f.write_bytes(b"")
+    monkeypatch.setattr(run.feats, "cached_features", lambda *a, **k: pytest.fail("features were extracted"))
+    assert run.main(["--data-dir", str(root), *TINY, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2].startswith("error: novalid") and "NOT USABLE: no decodable valid images at all" in err[-2] or \
+        any("NOT USABLE: no decodable valid images at all" in line for line in err)
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def _weights(tmp_path, kind):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        path.write_bytes(b"not a torch file")
+    elif kind == "wrong_dict":
+        torch.save({"a": torch.zeros(3)}, path)
+    else:
+        torch.save([torch.zeros(3)], path)
+    return path
+
+
+@pytest.mark.parametrize("case,message", [
+    ("weights garbage", "Cannot read weights file .*garbage.pt for backbone 'efficientnet_lite0': it is not a PyTorch "
+                        "weights file .*Give a file written by torch.save"),
+    ("weights wrong_dict", "wrong_dict.pt: 1 tensors, but the model has 294"),
+    ("weights list", "list.pt for backbone 'efficientnet_lite0' holds a list, not a state_dict"),
+    ("--out is a file", "--out .*afile is a file, not a folder"),
+    ("--plots is a file", "--plots .*afile is a file, not a folder"),
+    ("--cache-dir is a file", "--cache-dir .*afile is a file, not a folder"),
+    ("--out full or read-only", "--out .*out cannot be written to \\(No space left on device\\)"),
+])
+def test_user_errors_are_one_line_before_any_work(tmp_path, capsys, monkeypatch, case, message):
+    root = tiny_folder(tmp_path / "tiny")
+    (tmp_path / "afile").write_text("")
+    argv = ["--data-dir", str(root), *TINY, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    if case.startswith("weights"):
+        argv += ["--weights", str(_weights(tmp_path, case.split()[1])), "--cache-dir", str(tmp_path / "cache")]
+        monkeypatch.setattr(backbones, "HASH_MEMO", tmp_path / "memo.json")
+    elif case == "--out full or read-only":
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(run.tempfile, "TemporaryFile", full)
+    else:
+        argv += [case.split()[0], str(tmp_path / "afile")]
+    monkeypatch.setattr(run.feats, "cached_features", lambda *a, **k: pytest.fail("work started"))
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert "partial download in the torch cache" not in err[0]  # the user's own file, not a download
+
+
+@pytest.mark.parametrize("content", ["null", "[]", "{\"dataset\": 1}"])
+def test_a_run_record_that_is_not_one_is_named(tmp_path, content):
+    root = tiny_folder(tmp_path / "tiny")
+    argv = ["--data-dir", str(root), *TINY, "--losses", "hinge", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert run.main(argv) == 0
+    [record] = (tmp_path / "out" / "runs").rglob("*.json")
+    record.write_text(content)
+    with pytest.raises(SystemExit, match=f"{record} is not a run record .*delete it to have the run redone"):
+        run.main(argv)
+
+
+def test_an_unusable_teacher_model_is_trained_again(tmp_path):
+    root = tiny_folder(tmp_path / "tiny")
+    argv = ["--data-dir", str(root), *TINY, "--losses", "hinge,distillation", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert run.main(argv) == 0
+    runs = tmp_path / "out" / "runs" / "tiny" / "efficientnet_lite0-frozen"
+    teacher = runs / "cross_entropy" / "seed0-frac1.pt"
+    first = records(tmp_path / "out")["distillation/seed0-frac1"]["history"]
+    teacher.write_bytes(teacher.read_bytes()[:100])  # truncated
+    (runs / "distillation" / "seed0-frac1.json").unlink()
+    with pytest.warns(UserWarning, match=f"the saved teacher model {teacher} is unusable .*training the teacher again"):
+        assert run.main(argv) == 0
+    again = records(tmp_path / "out")["distillation/seed0-frac1"]
+    assert again["status"] == "ok"
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(again["history"]) == strip(first)  # the same teacher, retrained
+    torch.load(teacher, weights_only=True)  # and saved whole
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
+    root = tiny_folder(tmp_path / "tiny")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_dataset", interrupted)
+    assert run.main(["--data-dir", str(root), *TINY, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"interrupted: the finished runs are saved in {tmp_path / 'out'}; the same command resumes"]
+
+
+def test_a_full_disk_while_saving_a_run_names_the_file_and_keeps_what_finished(tmp_path, capsys, monkeypatch):
+    root = tiny_folder(tmp_path / "tiny")
+    argv = ["--data-dir", str(root), *TINY, "--losses", "hinge,cross_entropy", "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache")]
+    real = run.write_json_atomically
+
+    def full_after_first(obj, path):
+        if "cross_entropy" in str(path):
+            def no_space(tmp):
+                tmp.write_text("{")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return run.write_atomically(path, no_space)
+        return real(obj, path)
+
+    monkeypatch.setattr(run, "write_json_atomically", full_after_first)
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.match(r"error: cannot write .*cross_entropy/seed0-frac1.json \(No space left on device\)", err[-1]), err
+    assert [p.name for p in (tmp_path / "out" / "runs").rglob("*") if p.is_file()] == ["seed0-frac1.json"]  # hinge's
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_timing_sections_do_not_overlap(tmp_path):
+    root = tiny_folder(tmp_path / "tiny")
+    assert run.main(["--data-dir", str(root), *TINY, "--losses", "hinge,cross_entropy", "--out", str(tmp_path / "out"),
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+    timing = json.loads((tmp_path / "out" / "timing.json").read_text())
+    sections = timing["sections"]
+    assert sum(sections.values()) <= timing["total"] + 1e-6  # shares sum to at most 100 %
+    # the first loss is charged its training only, not the extraction that ran before it
+    assert sections["train:hinge"] < sections["load+extract:tiny"]
+
+
+def test_without_the_eval_extra_the_harness_says_what_to_install():
+    hide = ("import importlib.util, sys; real = importlib.util.find_spec; "
+            "importlib.util.find_spec = lambda name, *a: None if name == 'tqdm' else real(name, *a); "
+            "sys.argv = ['-m']; import evaluation")
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == ("error: the lossbank harness (evaluation) needs the 'eval' extra, and tqdm is not "
+                                   "installed: pip install 'lossbank[eval]' (from a checkout: pip install "
+                                   "--no-build-isolation -e '.[eval]')")
