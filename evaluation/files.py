@@ -2,12 +2,14 @@
 
 Every file the harness writes (run records, the teacher's weights, feature caches, memos)
 goes through ``write_atomically``: the content goes to a temporary file beside the target,
-which is then renamed over it, and the temporary file is removed whatever fails.
+which is then renamed over it, and the temporary file is removed whatever fails. The report's
+file and folder names are made from dataset, backbone and mode labels by ``safe_name``.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -43,3 +45,8 @@ def write_text_atomically(path, text: str) -> None:
 
 def write_json_atomically(obj, path) -> None:
     write_text_atomically(path, json.dumps(obj, indent=1))
+
+
+def safe_name(name) -> str:
+    """``name`` usable as (part of) a file or folder name: runs of other characters become one ``_``."""
+    return re.sub(r"[^\w.+-]+", "_", str(name))

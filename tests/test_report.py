@@ -1,4 +1,4 @@
-"""Tests of evaluation/report.py on synthetic but realistically shaped run records."""
+"""Tests of the report (evaluation/report.py, stats.py, tables.py, plots.py) on synthetic run records."""
 
 import json
 import math
@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evaluation import report
+from evaluation import plots, report, stats, tables
 from lossbank import list_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,13 +118,13 @@ def test_t_quantile_matches_tables():
     # Published two-sided 95 % critical values of Student's t.
     for df, expected in [(1, 12.706204736174704), (2, 4.302652729749464), (3, 3.182446305284263),
                          (10, 2.2281388519649385), (30, 2.0422724563012373)]:
-        assert report.t_quantile_975(df) == pytest.approx(expected, rel=1e-9)
+        assert stats.t_quantile_975(df) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match="degrees of freedom"):
-        report.t_quantile_975(0)
+        stats.t_quantile_975(0)
 
 
 def test_summary_numbers_match_hand_computation():
-    summary = report.summarise(all_runs())
+    summary = stats.summarise(all_runs())
     assert list(summary.columns[:5]) == ["dataset", "backbone", "mode", "loss", "train_fraction"]
     # 2 datasets x 2 fractions x 4 losses
     assert len(summary) == 16
@@ -158,7 +158,7 @@ def test_summary_numbers_match_hand_computation():
 def test_summary_order_and_single_seed():
     runs = [make_run("fruits", loss, 0) for loss in ["hinge", "cross_entropy", "arcface"]]
     runs += [make_run("fruits", "hinge", 0, fraction=0.5)]
-    summary = report.summarise(runs)
+    summary = stats.summarise(runs)
     # losses in order of first appearance, full data before reduced data
     assert list(summary.loss) == ["hinge", "cross_entropy", "arcface", "hinge"]
     assert list(summary.train_fraction) == [1.0, 1.0, 1.0, 0.5]
@@ -169,15 +169,15 @@ def test_summary_order_and_single_seed():
 def test_all_seeds_failed_gives_nan_not_error():
     runs = [make_run("fruits", "arcface", s, status="failed", failed_epoch=3) for s in range(2)]
     runs.append(make_run("fruits", "cross_entropy", 0))
-    summary = report.summarise(runs)
+    summary = stats.summarise(runs)
     r = row(summary, "fruits", "arcface")
     assert (r.seeds, r.failed) == (0, 2) and math.isnan(r.top1_mean)
-    assert "| arcface | 0 (+2 failed) | — |" in report.format_table(summary, "fruits")
+    assert "| arcface | 0 (+2 failed) | — |" in tables.format_table(summary, "fruits")
 
 
 def test_summarise_rejects_non_records():
     with pytest.raises(ValueError, match="record #1.*missing field"):
-        report.summarise([make_run("fruits", "hinge", 0), {"dataset": "fruits"}])
+        stats.summarise([make_run("fruits", "hinge", 0), {"dataset": "fruits"}])
 
 
 # ---------------------------------------------------------------- loading
@@ -212,7 +212,7 @@ def test_load_runs_skips_bad_files_and_dedupes(tmp_path):
 def test_identical_duplicates_in_memory_are_counted_once():
     runs = [make_run("fruits", "hinge", s) for s in range(3)]
     with pytest.warns(UserWarning, match="duplicate run record.*seed 1"):
-        summary = report.summarise(runs + [make_run("fruits", "hinge", 1)])
+        summary = stats.summarise(runs + [make_run("fruits", "hinge", 1)])
     assert row(summary, "fruits", "hinge").seeds == 3
 
 
@@ -247,7 +247,7 @@ def test_tables(full_report):
 
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 16
-    assert list(summary.columns) == report.SUMMARY_COLUMNS
+    assert list(summary.columns) == stats.SUMMARY_COLUMNS
 
     combined = (out / "accuracy_all.md").read_text()
     assert "| loss | fruits | weather |" in combined
@@ -260,14 +260,14 @@ def test_tables(full_report):
 
 
 def test_single_dataset_has_no_combined_table(tmp_path):
-    summary = report.summarise([make_run("fruits", "hinge", s) for s in range(2)])
-    written = report.write_tables(summary, tmp_path)
+    summary = stats.summarise([make_run("fruits", "hinge", s) for s in range(2)])
+    written = tables.write_tables(summary, tmp_path)
     assert not (tmp_path / "accuracy_all.md").exists()
     assert {p.name for p in written} == {"summary.csv", "accuracy.csv", "accuracy.md"}
-    md = report.format_table(summary, "fruits")
+    md = tables.format_table(summary, "fruits")
     assert "train fraction" not in md  # only one fraction: no column for it
     with pytest.raises(ValueError, match="no runs for dataset 'covid'.*fruits"):
-        report.format_table(summary, "covid")
+        tables.format_table(summary, "covid")
 
 
 def test_several_modes_get_own_sections_and_plot_files(tmp_path):
@@ -281,22 +281,22 @@ def test_several_modes_get_own_sections_and_plot_files(tmp_path):
     assert "fruits_efficientnet_lite0_frozen_loss_curves.png" in names
     assert "fruits_efficientnet_lite0_finetune_final_accuracy.png" in names
     with pytest.raises(ValueError, match="pass backbone= and mode="):
-        report.plot_loss_curves(runs, "fruits", tmp_path / "p")
+        plots.plot_loss_curves(runs, "fruits", tmp_path / "p")
 
 
 def test_plots_of_a_first_mode_are_replaced_not_left_stale(tmp_path):
     """The one-command regeneration runs frozen first, then finetune: the frozen-only plot names must go."""
-    plots = tmp_path / "plots"
-    plots.mkdir()
-    (plots / "mine.png").write_bytes(b"not drawn by the report")
+    plots_dir = tmp_path / "plots"
+    plots_dir.mkdir()
+    (plots_dir / "mine.png").write_bytes(b"not drawn by the report")
     frozen = [make_run("fruits", loss, s) for loss in ("cross_entropy", "hinge") for s in range(2)]
     write_runs(tmp_path, frozen)
-    first = {p.name for p in report.write_report(tmp_path, plots)["plots"]}
-    assert "fruits_loss_curves.png" in first and (plots / "fruits_loss_curves.png").exists()
+    first = {p.name for p in report.write_report(tmp_path, plots_dir)["plots"]}
+    assert "fruits_loss_curves.png" in first and (plots_dir / "fruits_loss_curves.png").exists()
     write_runs(tmp_path, frozen + [make_run("fruits", "hinge", s, mode="finetune") for s in range(2)])
-    second = {p.name for p in report.write_report(tmp_path, plots)["plots"]}
+    second = {p.name for p in report.write_report(tmp_path, plots_dir)["plots"]}
     assert "fruits_efficientnet_lite0_finetune_loss_curves.png" in second
-    on_disk = {p.name for p in plots.glob("*.png")}
+    on_disk = {p.name for p in plots_dir.glob("*.png")}
     assert on_disk == second | {"mine.png"}
     assert not first & on_disk
 
@@ -319,9 +319,9 @@ def test_plots_written(full_report):
 
 
 def test_fraction_study_needs_two_fractions(tmp_path):
-    summary = report.summarise([make_run("fruits", "hinge", s) for s in range(2)])
-    assert report.plot_fraction_study(summary, "fruits", tmp_path) is None
-    path = report.plot_final_accuracy(summary, "fruits", tmp_path)
+    summary = stats.summarise([make_run("fruits", "hinge", s) for s in range(2)])
+    assert plots.plot_fraction_study(summary, "fruits", tmp_path) is None
+    path = plots.plot_final_accuracy(summary, "fruits", tmp_path)
     assert is_png(path) and path.name == "fruits_final_accuracy.png"
 
 
@@ -329,9 +329,9 @@ def test_curves_handle_run_failing_in_first_epoch(tmp_path):
     runs = [make_run("fruits", "arcface", 0, status="failed", failed_epoch=1),
             make_run("fruits", "cross_entropy", 0)]
     assert runs[0]["history"] == []
-    assert is_png(report.plot_loss_curves(runs, "fruits", tmp_path))
-    assert is_png(report.plot_accuracy_curves(runs, "fruits", tmp_path))
-    assert is_png(report.plot_final_accuracy(report.summarise(runs), "fruits", tmp_path))
+    assert is_png(plots.plot_loss_curves(runs, "fruits", tmp_path))
+    assert is_png(plots.plot_accuracy_curves(runs, "fruits", tmp_path))
+    assert is_png(plots.plot_final_accuracy(stats.summarise(runs), "fruits", tmp_path))
 
 
 def test_missing_runs_from_grid(full_report):
@@ -384,16 +384,16 @@ def test_cli_as_module(tmp_path):
     grid = [{"dataset": "fruits", "backbone": "efficientnet_lite0", "mode": "frozen", "loss": "hinge",
              "seed": 7, "train_fraction": 1.0}]
     (tmp_path / "grid.json").write_text(json.dumps(grid))
-    plots = tmp_path / "pictures"
+    plots_dir = tmp_path / "pictures"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "evaluation.report", "--out", str(tmp_path),
-                           "--plots", str(plots)], cwd=REPO, env=env, capture_output=True, text=True,
+                           "--plots", str(plots_dir)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "# fruits: validation accuracy per loss" in proc.stdout
     assert "| cross_entropy | 2 |" in proc.stdout
     assert "1 run(s) of" in proc.stdout and "fruits efficientnet_lite0 frozen hinge seed 7" in proc.stdout
-    assert is_png(plots / "fruits_loss_curves.png")
+    assert is_png(plots_dir / "fruits_loss_curves.png")
     assert (tmp_path / "summary.csv").is_file() and str(tmp_path / "summary.csv") in proc.stdout
 
 
@@ -473,25 +473,25 @@ def test_results_md_names_the_short_cells(full_report, tmp_path):
 # ---------------------------------------------------------------- issue 13: shared plots, readable plots, data
 
 def test_a_plots_folder_shared_by_two_results_folders_keeps_both_drawings(tmp_path):
-    plots = tmp_path / "plots"
+    plots_dir = tmp_path / "plots"
     write_runs(tmp_path / "a", [make_run("fruits", "hinge", s) for s in range(2)])
     write_runs(tmp_path / "b", [make_run("weather", "hinge", s) for s in range(2)])
-    drawn_a = {p.name for p in report.write_report(tmp_path / "a", plots)["plots"]}
-    drawn_b = {p.name for p in report.write_report(tmp_path / "b", plots)["plots"]}
+    drawn_a = {p.name for p in report.write_report(tmp_path / "a", plots_dir)["plots"]}
+    drawn_b = {p.name for p in report.write_report(tmp_path / "b", plots_dir)["plots"]}
     assert drawn_a and drawn_b and not drawn_a & drawn_b
-    assert {p.name for p in plots.glob("*.png")} == drawn_a | drawn_b  # b's report deleted none of a's plots
+    assert {p.name for p in plots_dir.glob("*.png")} == drawn_a | drawn_b  # b's report deleted none of a's plots
     # a's own stale plots still go: a second mode renames its plots
     shutil.rmtree(tmp_path / "a" / "runs")
     write_runs(tmp_path / "a", [make_run("fruits", "hinge", s, mode=m) for s in range(2) for m in ("frozen", "finetune")])
-    again_a = {p.name for p in report.write_report(tmp_path / "a", plots)["plots"]}
-    assert {p.name for p in plots.glob("*.png")} == again_a | drawn_b
+    again_a = {p.name for p in report.write_report(tmp_path / "a", plots_dir)["plots"]}
+    assert {p.name for p in plots_dir.glob("*.png")} == again_a | drawn_b
 
 
 def test_final_accuracy_plot_is_zoomed_to_the_values_and_shows_each_seed(tmp_path, monkeypatch):
     drawn = []
-    monkeypatch.setattr(report.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    monkeypatch.setattr(plots.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
     runs = [make_run("fruits", loss, s) for loss in ("hinge", "cross_entropy") for s in range(3)]
-    report.plot_final_accuracy(report.summarise(runs), "fruits", tmp_path, runs=runs)
+    plots.plot_final_accuracy(stats.summarise(runs), "fruits", tmp_path, runs=runs)
     [ax] = drawn[0].axes
     low, high = ax.get_ylim()
     values = [100 * r["final"]["valid_top1"] for r in runs]
@@ -502,11 +502,11 @@ def test_final_accuracy_plot_is_zoomed_to_the_values_and_shows_each_seed(tmp_pat
 
 
 def test_whole_epochs_print_as_integers(tmp_path):
-    md = report.format_table(report.summarise([make_run("fruits", "hinge", 0)]), "fruits")
+    md = tables.format_table(stats.summarise([make_run("fruits", "hinge", 0)]), "fruits")
     assert "| hinge | 1 | 80.0 | 81.0 | 7 |" in md  # not "7.0"
-    two = report.format_table(report.summarise([make_run("fruits", "hinge", s) for s in (0, 1)]), "fruits")
+    two = tables.format_table(stats.summarise([make_run("fruits", "hinge", s) for s in (0, 1)]), "fruits")
     assert "| 8 |" in two  # best epochs 7 and 9: mean 8
-    three = report.format_table(report.summarise([make_run("fruits", "hinge", s) for s in (0, 1, 2)]), "fruits").splitlines()
+    three = tables.format_table(stats.summarise([make_run("fruits", "hinge", s) for s in (0, 1, 2)]), "fruits").splitlines()
     assert any("| 9 |" in line for line in three)
 
 
