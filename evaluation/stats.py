@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from scipy.stats import t as student_t
 
 SUMMARY_COLUMNS = [
     "dataset", "backbone", "mode", "loss", "train_fraction",
@@ -25,42 +26,11 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def _t_two_sided_cdf(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer df (Abramowitz & Stegun 26.7.3/26.7.4)."""
-    theta = math.atan(t / math.sqrt(df))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if df % 2 == 0:
-        term, total = 1.0, 1.0
-        for k in range(1, df // 2):
-            term *= c2 * (2 * k - 1) / (2 * k)
-            total += term
-        return s * total
-    if df == 1:
-        return 2.0 * theta / math.pi
-    term, total = 1.0, 1.0
-    for k in range(1, (df - 1) // 2):
-        term *= c2 * (2 * k) / (2 * k + 1)
-        total += term
-    return 2.0 / math.pi * (theta + s * math.cos(theta) * total)
-
-
 def t_quantile_975(df: int) -> float:
-    """The 97.5 % quantile of Student's t with `df` degrees of freedom (for 95 % intervals).
-
-    Computed here so the harness does not need scipy.
-    """
-    if df < 1:
+    """The 97.5 % quantile of Student's t with `df` degrees of freedom (for 95 % intervals)."""
+    if df < 1:  # scipy answers NaN, which would pass silently into the tables
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    lo, hi = 0.0, 1000.0  # t_{0.975, 1} = 12.7, so 1000 always brackets it
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _t_two_sided_cdf(mid, df) < 0.95:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-13:
-            break
-    return 0.5 * (lo + hi)
+    return float(student_t.ppf(0.975, df))
 
 
 def _finite(values) -> list:
