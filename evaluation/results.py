@@ -73,8 +73,10 @@ def _curve_reading(runs: list[dict], dataset: str, mode: str, loss: str) -> dict
 
 def _plot(plots: Path, dataset: str, mode: str, kind: str) -> str:
     """The plot's file name: qualified by backbone and mode once a dataset has runs in both modes."""
-    qualified = f"{dataset}_{BACKBONE}_{mode}_{kind}.png"
-    return qualified if (plots / qualified).exists() else f"{dataset}_{kind}.png"
+    from .plots import plot_name
+
+    qualified = plot_name(dataset, kind, BACKBONE, mode)
+    return qualified if (plots / qualified).exists() else plot_name(dataset, kind)
 
 
 MODES = {"frozen": "frozen (head on cached features, 30 epochs)",

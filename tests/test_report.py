@@ -280,6 +280,10 @@ def test_several_modes_get_own_sections_and_plot_files(tmp_path):
     names = {p.name for p in result["plots"]}
     assert "fruits_efficientnet_lite0_frozen_loss_curves.png" in names
     assert "fruits_efficientnet_lite0_finetune_final_accuracy.png" in names
+    from evaluation import results
+
+    # RESULTS.md links the plots by the names the report gave them.
+    assert results._plot(tmp_path / "plots", "fruits", "finetune", "loss_curves") in names
     with pytest.raises(ValueError, match="pass backbone= and mode="):
         plots.plot_loss_curves(runs, "fruits", tmp_path / "p")
 
@@ -315,6 +319,9 @@ def test_plots_written(full_report):
         for kind in ("loss_curves", "accuracy_curves", "final_accuracy", "fraction_study"):
             assert f"{ds}_{kind}.png" in names
     assert len(result["plots"]) == 8
+    from evaluation import results
+
+    assert results._plot(out / "plots", "weather", "frozen", "fraction_study") in names
     assert all(is_png(p) and Path(p).parent == out / "plots" for p in result["plots"])
 
 
