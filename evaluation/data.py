@@ -3,7 +3,7 @@ decoding their images and auditing a copy.
 
 The three named datasets (weather, fruits, covid) are described in
 ``datasets_manifest.yaml`` at the repository root, file by file, as their public
-archives unpack. A user's own images come in through ``data_dir``.
+archives unpack. A user's own images come in through ``data_dir`` (evaluation.folders).
 
 Command line::
 
@@ -21,13 +21,10 @@ import mmap
 import multiprocessing
 import os
 import pathlib
-import re
 import sys
-import unicodedata
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import numpy as np
 import torch
@@ -36,26 +33,16 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .files import write_text_atomically
+from .folders import (SPLITS, DatasetError, Entry, Scan, list_files, natural_key, relative, scan_user_dir,
+                      stratified_split)
 
 DATASETS = ("weather", "fruits", "covid")
 MANIFEST_PATH = pathlib.Path(__file__).resolve().parent.parent / "datasets_manifest.yaml"
 DEFAULT_DATA_ROOT = pathlib.Path("~/.cache/lossbank/datasets")
 DATA_ROOT_ENV = "LOSSBANK_DATA"
-SPLITS = ("train", "valid")
-# What counts as an image in a user's folder; anything else there is listed, not read.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
-VALID_FOLDER_NAMES = ("valid", "val", "test")
-# Folder names that mean a split of a dataset, not a class: --data-dir pointing one level too
-# high (at an archive's root) would otherwise train a "train vs test" classifier.
-SPLIT_LIKE_NAME = re.compile(r"(train|training|test|testing|valid|validation|val|dev|eval)([_ -]?(zip|set|data|images|split))?")
 # A copy missing more than this share of its images is most likely an interrupted
 # download or unpack, and results on it would not be comparable: refuse it.
 MAX_MISSING_FRACTION = 0.10
-USER_VALID_FRACTION = 0.2
-
-
-class DatasetError(Exception):
-    """A dataset cannot be used as given; the message says what to do."""
 
 
 class ImageDecodeError(DatasetError):
@@ -96,7 +83,7 @@ class DatasetSplits:
         h = hashlib.sha256()
         for s in getattr(self, split):
             digest = s.sha256 or file_sha256(s.path)
-            h.update(f"{split}\t{_relative(s.path, self.root)}\t{digest}\t{s.label}\n".encode())
+            h.update(f"{split}\t{relative(s.path, self.root)}\t{digest}\t{s.label}\n".encode())
         return h.hexdigest()
 
     def identity(self) -> dict:
@@ -108,7 +95,7 @@ class DatasetSplits:
 
     def file_list(self) -> dict[str, dict[str, str]]:
         """{split: {path relative to the root: sha256}}: kept beside the runs to name what changed."""
-        return {split: {_relative(s.path, self.root): s.sha256 or file_sha256(s.path) for s in getattr(self, split)}
+        return {split: {relative(s.path, self.root): s.sha256 or file_sha256(s.path) for s in getattr(self, split)}
                 for split in SPLITS}
 
 
@@ -157,95 +144,7 @@ def load_manifest(path=None) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Splitting
-
-def natural_key(text: str):
-    """Sort key that puts cloudy2 before cloudy10."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
-
-
-def valid_count(n: int, valid_fraction) -> int:
-    """ceil(valid_fraction * n) in exact arithmetic (0.2 * 300 is 60, not 60.000...01),
-    leaving at least one training image in a class of two or more."""
-    if n < 2:
-        return 0
-    return min(n - 1, math.ceil(Fraction(str(valid_fraction)) * n))
-
-
-def stratified_split(files_by_class: dict[str, list[str]], valid_fraction, seed: int,
-                     keep_together=()) -> dict[str, set[str]]:
-    """The valid file names of each class; the rest is train.
-
-    Depends only on the names given, the seed and the groups, never on the machine
-    or on which files exist on disk. The rule is spelt out in datasets_manifest.yaml
-    (weather, split.rule).
-    """
-    group_of = {}
-    for group in keep_together:
-        for name in group:
-            group_of[name] = tuple(group)
-    valid = {}
-    for cls, names in files_by_class.items():
-        names = sorted(set(names), key=natural_key)
-        in_class = set(names)
-        units, seen = [], set()
-        for name in names:
-            if name in seen:
-                continue
-            unit = tuple(sorted((m for m in group_of.get(name, (name,)) if m in in_class), key=natural_key))
-            seen.update(unit)
-            units.append(unit)
-        units.sort(key=lambda u: hashlib.sha256(f"{seed}/{cls}/{u[0]}".encode()).digest())
-        target = valid_count(len(names), valid_fraction)
-        chosen: set[str] = set()
-        for unit in units:
-            if len(chosen) == target:
-                break
-            if len(chosen) + len(unit) <= target:
-                chosen.update(unit)
-        valid[cls] = chosen
-    return valid
-
-
-# ---------------------------------------------------------------------------
 # Finding the files of a dataset
-
-@dataclass
-class _Entry:
-    rel: str  # posix path relative to the dataset root
-    split: str
-    label: int
-
-
-@dataclass
-class _Scan:
-    """Everything a dataset folder holds, before duplicates are dropped."""
-    name: str
-    root: pathlib.Path
-    classes: list[str]
-    present: list[_Entry]
-    missing: list[_Entry]
-    unexpected: list[str]
-    expected_counts: dict[str, dict[str, int]] | None  # split -> class -> count; None for user data
-    layout: str
-    notes: list[str]
-
-
-def _relative(path: pathlib.Path, root: pathlib.Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def _list_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    """Every non-hidden file under folder (hidden ones are OS litter like .DS_Store)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(pathlib.Path(dirpath) / f for f in filenames if not f.startswith("."))
-    return sorted(out, key=lambda p: natural_key(p.as_posix()))
-
 
 def _not_found_message(name, spec, where: pathlib.Path, data_root: pathlib.Path, origin: str,
                        what: str) -> str:
@@ -258,7 +157,7 @@ def _not_found_message(name, spec, where: pathlib.Path, data_root: pathlib.Path,
             f"Then check the copy with: python -m evaluation.data verify {name}")
 
 
-def _scan_named(name: str, data_root, split_seed: int) -> _Scan:
+def _scan_named(name: str, data_root, split_seed: int) -> Scan:
     manifest = load_manifest()
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}, "
@@ -277,7 +176,7 @@ def _scan_named(name: str, data_root, split_seed: int) -> _Scan:
     raw_to_label = {raw: i for i, raw in enumerate(spec["classes"].values())}
     by_folder_labels = layout["labels"]
 
-    expected: list[_Entry] = []
+    expected: list[Entry] = []
     for key, folder in layout["folders"].items():
         if not (root / folder).is_dir():
             raise DatasetError(_not_found_message(
@@ -294,12 +193,12 @@ def _scan_named(name: str, data_root, split_seed: int) -> _Scan:
                 else:
                     split = key
                 rel = f"{folder}/{raw}/{fname}" if by_folder_labels == "class_folder" else f"{folder}/{fname}"
-                expected.append(_Entry(rel, split, raw_to_label[raw]))
+                expected.append(Entry(rel, split, raw_to_label[raw]))
 
     on_disk = set()
     for folder in layout["folders"].values():
-        for p in _list_files(root / folder):
-            on_disk.add(_relative(p, root))
+        for p in list_files(root / folder):
+            on_disk.add(relative(p, root))
     ignore = layout.get("ignore") or ()
     expected_rels = {e.rel for e in expected}
     present = [e for e in expected if e.rel in on_disk]
@@ -309,7 +208,7 @@ def _scan_named(name: str, data_root, split_seed: int) -> _Scan:
                         key=natural_key)
 
     counts = {s: {c: int(spec["counts"][s][c]) for c in canonical} for s in SPLITS}
-    scan = _Scan(name, root, canonical, present, missing, unexpected, counts, layout["expected"], [])
+    scan = Scan(name, root, canonical, present, missing, unexpected, counts, layout["expected"], [])
 
     problems = []
     for s in SPLITS:
@@ -333,152 +232,13 @@ def _scan_named(name: str, data_root, split_seed: int) -> _Scan:
     return scan
 
 
-def _canonical_class(raw: str) -> str:
-    """Lower case, runs of anything but letters and digits (of any script) as one "_": 'Crème Brûlée' -> 'crème_brûlée'."""
-    text = unicodedata.normalize("NFC", raw).strip().casefold()
-    return re.sub(r"[\W_]+", "_", text).strip("_")
-
-
-def _is_image_name(p: pathlib.Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _class_folders(folder: pathlib.Path) -> list[pathlib.Path]:
-    return sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                  key=lambda d: natural_key(d.name))
-
-
-def _find_child(folder: pathlib.Path, wanted: str) -> pathlib.Path | None:
-    for d in _class_folders(folder):
-        if d.name.lower() == wanted:
-            return d
-    return None
-
-
-def _refuse_split_folders_as_classes(root: pathlib.Path, layout_help: str) -> None:
-    """--data-dir one level too high (an archive's root holding train_zip/, test_zip/...) is refused,
-    naming the folder below that has the expected layout, if there is one."""
-    folders = _class_folders(root)
-    split_like = [d.name for d in folders if SPLIT_LIKE_NAME.fullmatch(d.name.strip().lower())]
-    if not split_like or (len(split_like) < 2 and len(split_like) < len(folders)):
-        return
-    hint = ""
-    for below in sorted((p for p in root.glob("**/") if p != root and len(p.relative_to(root).parts) <= 3),
-                        key=lambda p: natural_key(p.as_posix())):
-        if _find_child(below, "train") is not None and any(_find_child(below, v) for v in VALID_FOLDER_NAMES):
-            hint = f" The folder {below} has that layout: pass --data-dir {below}."
-            break
-    raise DatasetError(f"--data-dir {root}: its folders {', '.join(split_like)} look like dataset splits, not "
-                       f"classes, and a model would learn to tell the splits apart.{hint} Expected {layout_help}.")
-
-
-def _scan_user_dir(data_dir, split_seed: int) -> _Scan:
-    root = pathlib.Path(data_dir).expanduser().absolute()
-    layout_help = (f"{root}/train/<class>/<images> plus {root}/valid/<class>/<images> "
-                   f"(or val/ or test/), or just {root}/<class>/<images> for a seeded, "
-                   f"stratified 80/20 split")
-    if not root.is_dir():
-        raise DatasetError(f"--data-dir {root} is not a folder. Expected {layout_help}.")
-    train_dir = _find_child(root, "train")
-    valid_dirs = [d for d in (_find_child(root, cand) for cand in VALID_FOLDER_NAMES) if d is not None]
-    valid_dir = valid_dirs[0] if valid_dirs else None
-    notes: list[str] = []
-    unexpected: list[str] = []
-    if train_dir is not None and len(valid_dirs) > 1:
-        notes.append(f"{root.name}: found {', '.join(d.name + '/' for d in valid_dirs)}; using {valid_dir.name}/ as "
-                     f"the validation split, {', '.join(d.name + '/' for d in valid_dirs[1:])} is not used")
-
-    def images_by_class(folder: pathlib.Path) -> dict[str, list[pathlib.Path]]:
-        out = {}
-        for d in _class_folders(folder):
-            files = _list_files(d)
-            imgs = [p for p in files if _is_image_name(p)]
-            unexpected.extend(_relative(p, root) for p in files if not _is_image_name(p))
-            if imgs:
-                out[d.name] = imgs
-        for p in folder.iterdir():
-            if p.is_file() and not p.name.startswith("."):
-                unexpected.append(_relative(p, root))
-        return out
-
-    if train_dir is not None or valid_dir is not None:
-        if train_dir is None or valid_dir is None:
-            have = (train_dir or valid_dir).name
-            raise DatasetError(f"--data-dir {root} has {have}/ but not its partner: expected "
-                               f"{layout_help}.")
-        per_split = {"train": images_by_class(train_dir), "valid": images_by_class(valid_dir)}
-        split_note = f"train = {train_dir.name}/, valid = {valid_dir.name}/"
-    else:
-        _refuse_split_folders_as_classes(root, layout_help)
-        found = images_by_class(root)
-        if not found:
-            raise DatasetError(f"--data-dir {root} holds no class folders with images. "
-                               f"Expected {layout_help}.")
-        names = {raw: [_relative(p, root / raw) for p in paths] for raw, paths in found.items()}
-        valid_names = stratified_split(names, USER_VALID_FRACTION, split_seed)
-        per_split = {"train": {}, "valid": {}}
-        for raw, paths in found.items():
-            for p in paths:
-                s = "valid" if _relative(p, root / raw) in valid_names[raw] else "train"
-                per_split[s].setdefault(raw, []).append(p)
-        split_note = (f"seeded stratified split (seed {split_seed}): valid = "
-                      f"ceil({USER_VALID_FRACTION} x n) per class, files ranked by "
-                      f"sha256('<seed>/<class folder>/<path in it>')")
-
-    folder_of = {"train": train_dir.name, "valid": valid_dir.name} if train_dir is not None else {"train": "", "valid": ""}
-    canonical_of = {}
-    for split in SPLITS:
-        by_class = defaultdict(list)
-        for raw in per_split[split]:
-            c = _canonical_class(raw)
-            if not c:
-                raise DatasetError(f"--data-dir {root}: the class folder name '{raw}' has no letters "
-                                   f"or digits; rename it.")
-            canonical_of[raw] = c
-            by_class[c].append(raw)
-        for c, raws in by_class.items():
-            if len(raws) > 1:
-                where = ", ".join(f"'{folder_of[split]}/{r}'" if folder_of[split] else f"'{r}'"
-                                  for r in sorted(raws))
-                raise DatasetError(f"--data-dir {root}: class folders {where} all mean class "
-                                   f"'{c}'; rename or merge them.")
-    spelled = defaultdict(set)
-    for raw, c in canonical_of.items():
-        spelled[c].add(raw)
-    for c, raws in spelled.items():
-        if len(raws) > 1:  # e.g. train/apple and valid/Apple: one class, spelt differently in the two splits
-            notes.append(f"{root.name}: class '{c}' is spelt {' and '.join(repr(r) for r in sorted(raws))} "
-                         f"in {folder_of['train']}/ and {folder_of['valid']}/: taken as one class")
-    classes = sorted(set(canonical_of.values()))
-    train_classes = {canonical_of[raw] for raw in per_split["train"]}
-    no_train = sorted(c for c in classes if c not in train_classes)
-    if no_train:
-        raise DatasetError(f"--data-dir {root}: class(es) {', '.join(no_train)} have no training "
-                           f"images; a model cannot learn them. Add images or remove the folder.")
-    if len(classes) < 2:
-        raise DatasetError(f"--data-dir {root}: found only class {classes}; a classifier needs "
-                           f"at least two class folders. Expected {layout_help}.")
-    valid_classes = {canonical_of[raw] for raw in per_split["valid"]}
-    no_valid = sorted(c for c in classes if c not in valid_classes)
-    if no_valid:
-        notes.append(f"{root.name}: no validation images for class(es) {', '.join(no_valid)}")
-    present = [_Entry(_relative(p, root), s, classes.index(canonical_of[raw]))
-               for s in SPLITS for raw, paths in per_split[s].items() for p in paths]
-    present.sort(key=lambda e: (SPLITS.index(e.split), e.label, natural_key(e.rel)))
-    if unexpected:
-        shown = ", ".join(unexpected[:10]) + (", ..." if len(unexpected) > 10 else "")
-        notes.append(f"{root.name}: {len(unexpected)} files that are not images by their extension "
-                     f"are ignored ({shown})")
-    return _Scan(root.name, root, classes, present, [], sorted(unexpected, key=natural_key), None,
-                 f"{split_note}; expected {layout_help}", notes)
-
-
-def _scan(name, data_root, data_dir, split_seed) -> _Scan:
+def _scan(name, data_root, data_dir, split_seed) -> Scan:
+    """What the named dataset, or the user's folder data_dir, holds; the split is seeded by split_seed."""
     if (name is None) == (data_dir is None):
         raise DatasetError("give exactly one of a dataset name "
                            f"({', '.join(DATASETS)}) or data_dir / --data-dir")
     if data_dir is not None:
-        return _scan_user_dir(data_dir, split_seed)
+        return scan_user_dir(data_dir, split_seed)
     return _scan_named(name, data_root, split_seed)
 
 
@@ -493,7 +253,7 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def _duplicates_to_drop(entries: list[_Entry], digests: dict[str, str]):
+def _duplicates_to_drop(entries: list[Entry], digests: dict[str, str]):
     """Which entries --drop-duplicates removes: (dropped rels by reason, notes).
 
     Within train one copy of each byte-identical group stays (the first in name
@@ -501,7 +261,7 @@ def _duplicates_to_drop(entries: list[_Entry], digests: dict[str, str]):
     copies inside valid.
     """
     ordered = sorted(entries, key=lambda e: natural_key(e.rel))
-    train_seen: dict[str, _Entry] = {}
+    train_seen: dict[str, Entry] = {}
     dropped = {"train_duplicates": [], "valid_duplicates": [], "leaked_valid": []}
     notes = []
     for e in ordered:
@@ -513,7 +273,7 @@ def _duplicates_to_drop(entries: list[_Entry], digests: dict[str, str]):
             if first.label != e.label:
                 notes.append(f"{e.rel} and {first.rel} are the same image with different labels; "
                              f"kept {first.rel}")
-    valid_seen: dict[str, _Entry] = {}
+    valid_seen: dict[str, Entry] = {}
     for e in ordered:
         if e.split != "valid":
             continue
@@ -528,7 +288,7 @@ def _duplicates_to_drop(entries: list[_Entry], digests: dict[str, str]):
 # ---------------------------------------------------------------------------
 # Loading
 
-def usability_problems(scan: _Scan, undecodable) -> list[str]:
+def usability_problems(scan: Scan, undecodable) -> list[str]:
     """Why a dataset cannot be trained and evaluated on, given the files that do not decode; [] if it can.
 
     The one rule, shared by ``verify`` and the harness: every class needs a decodable train

@@ -24,9 +24,9 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from evaluation import data
-from evaluation.data import (DATASETS, DatasetError, ImageDataset, ImageDecodeError, Sample, audit,
-                             decode_image, load_dataset, load_images, load_manifest,
-                             resolve_data_root, stratified_split)
+from evaluation.data import (DATASETS, ImageDataset, ImageDecodeError, Sample, audit, decode_image,
+                             load_dataset, load_images, load_manifest, resolve_data_root)
+from evaluation.folders import DatasetError, stratified_split
 
 # Our copy lacks 4 weather images; the tests that care about that warning record it.
 pytestmark = pytest.mark.filterwarnings("ignore:weather. 4 of 1125 images are missing:UserWarning")
