@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from evaluation.backbones import create_backbone
-from evaluation.data import load_dataset, load_images
+from evaluation.data import load_dataset
+from evaluation.images import load_images
 from evaluation.features import eval_view, extract, native_bf16, normalise
 
 

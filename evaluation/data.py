@@ -1,9 +1,10 @@
-"""The datasets the loss comparison trains on: finding them, splitting them,
-decoding their images and auditing a copy.
+"""The datasets the loss comparison trains on: finding them, splitting them, loading them
+as lists of samples and auditing a copy.
 
 The three named datasets (weather, fruits, covid) are described in
 ``datasets_manifest.yaml`` at the repository root, file by file, as their public
 archives unpack. A user's own images come in through ``data_dir`` (evaluation.folders).
+Decoding the images is evaluation.images's job.
 
 Command line::
 
@@ -15,10 +16,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
-import json
-import math
-import mmap
-import multiprocessing
 import os
 import pathlib
 import sys
@@ -26,15 +23,12 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
 import yaml
-from PIL import Image, ImageOps
-from tqdm import tqdm
+from PIL import Image
 
-from .files import write_text_atomically
 from .folders import (SPLITS, DatasetError, Entry, Scan, list_files, natural_key, relative, scan_user_dir,
                       stratified_split)
+from .images import check_file, check_files, file_sha256, run_parallel
 
 DATASETS = ("weather", "fruits", "covid")
 MANIFEST_PATH = pathlib.Path(__file__).resolve().parent.parent / "datasets_manifest.yaml"
@@ -43,10 +37,6 @@ DATA_ROOT_ENV = "LOSSBANK_DATA"
 # A copy missing more than this share of its images is most likely an interrupted
 # download or unpack, and results on it would not be comparable: refuse it.
 MAX_MISSING_FRACTION = 0.10
-
-
-class ImageDecodeError(DatasetError):
-    """One image file cannot be decoded; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -245,14 +235,6 @@ def _scan(name, data_root, data_dir, split_seed) -> Scan:
 # ---------------------------------------------------------------------------
 # Duplicates
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _duplicates_to_drop(entries: list[Entry], digests: dict[str, str]):
     """Which entries --drop-duplicates removes: (dropped rels by reason, notes).
 
@@ -372,268 +354,6 @@ def _verify_command(name, data_root, data_dir) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Checking files: content hash and whether they decode, remembered
-
-@dataclass(frozen=True)
-class FileCheck:
-    sha256: str | None  # None when the file cannot be read
-    error: str | None  # why it cannot be decoded, naming the file; None when it decodes
-    warnings: tuple[str, ...] = ()  # e.g. PIL's decompression-bomb warning, naming the file
-
-
-def _check_one(path: str) -> FileCheck:
-    sha = None
-    try:
-        sha = file_sha256(path)
-    except OSError:
-        pass  # decode_image names the reason
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            decode_image(path, 16)
-            error = None
-        except ImageDecodeError as e:
-            error = str(e)
-    return FileCheck(sha, error, tuple(str(w.message) for w in caught))
-
-
-def _check_indexed(job):
-    index, path = job
-    return index, _check_one(path)
-
-
-def _memo_key(path: str) -> str | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # a dangling link or a vanished file: checked afresh every time
-    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def check_files(paths, *, workers: int = 2, memo=None, progress: bool = False) -> dict[str, FileCheck]:
-    """{str(path): FileCheck} for every path: its sha256, and whether it decodes (at 16 px).
-
-    ``memo`` (a JSON file, or None) remembers each answer under the file's path, size and
-    mtime, so a rerun over unchanged files reads none of them.
-    """
-    paths = [str(p) for p in paths]
-    memo_path = pathlib.Path(memo).expanduser() if memo is not None else None
-    remembered = {}
-    if memo_path is not None:
-        try:
-            remembered = json.loads(memo_path.read_text())
-            if not isinstance(remembered, dict):
-                remembered = {}
-        except (OSError, ValueError):
-            remembered = {}
-    keys = {p: _memo_key(p) for p in paths}
-    out: dict[str, FileCheck] = {}
-    todo = []
-    for p in paths:
-        hit = remembered.get(keys[p]) if keys[p] else None
-        if isinstance(hit, list) and len(hit) == 3:
-            out[p] = FileCheck(hit[0], hit[1], tuple(hit[2]))
-        else:
-            todo.append(p)
-    for index, check in _run_parallel(_check_indexed, list(enumerate(todo)), workers, progress, "checking files"):
-        out[todo[index]] = check
-    if memo_path is not None and todo:
-        fresh = {keys[p]: [out[p].sha256, out[p].error, list(out[p].warnings)] for p in todo if keys[p]}
-        try:
-            write_text_atomically(memo_path, json.dumps({**remembered, **fresh}))
-        except OSError as e:
-            warnings.warn(f"cannot remember file checks in {memo_path} ({e}); they are redone next time")
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Decoding
-
-def _flatten_alpha(im: Image.Image) -> Image.Image:
-    # White, because transparent areas in web images are meant to show a page
-    # background, which is almost always white.
-    rgba = im.convert("RGBA")
-    out = Image.new("RGB", rgba.size, (255, 255, 255))
-    out.paste(rgba, mask=rgba.getchannel("A"))
-    return out
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    mode = im.mode
-    if mode == "RGB":
-        return im
-    if mode.startswith("I") or mode == "F":
-        # convert("RGB") clips 16-bit and float values at 255 instead of scaling them,
-        # which turns most of a 16-bit photo white.
-        a = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
-            a = a / 257.0
-        elif mode == "F" and a.max(initial=0) <= 1.0:
-            a = a * 255.0
-        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
-        return grey.convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
-        return _flatten_alpha(im)
-    return im.convert("RGB")
-
-
-def _shrink(im: Image.Image, size: int) -> Image.Image:
-    factor = min(im.size) // size
-    return im.reduce(factor) if factor >= 2 else im
-
-
-def decode_image(path, size: int | None = None) -> Image.Image:
-    """The image at path as RGB, whatever its extension claims.
-
-    GIFs give their first frame, alpha is flattened onto white, 16-bit and
-    greyscale are scaled to 8-bit RGB, EXIF orientation is applied. With size,
-    JPEGs are decoded at a reduced scale (draft mode) and other formats are
-    reduced by an integer factor, always keeping the shorter side >= size.
-    Raises ImageDecodeError naming the file if it cannot be decoded.
-    """
-    path = pathlib.Path(path)
-    try:
-        if path.is_symlink() and not path.exists():
-            raise ImageDecodeError(f"cannot decode image {path}: it is a broken symbolic link (to "
-                                   f"{os.readlink(path)}). Point it at the image or delete it.")
-        if path.stat().st_size == 0:
-            raise ImageDecodeError(f"cannot decode image {path}: the file is empty (0 bytes). "
-                                   f"Replace it with a good copy or delete it.")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        for w in caught:  # PIL's own warning does not say which file
-            warnings.warn(f"{path}: {w.message}", w.category, stacklevel=2)
-        with im:
-            if size is not None and im.format == "JPEG":
-                im.draft(None, (size, size))
-            im.load()
-            try:
-                im_t = ImageOps.exif_transpose(im)
-            except Exception:
-                # A corrupt EXIF block only loses the rotation; the pixels are fine.
-                im_t = im
-            rgb = _to_rgb(im_t)
-            if rgb is im:
-                rgb = im.copy()
-        if size is not None:
-            rgb = _shrink(rgb, size)
-        return rgb
-    except ImageDecodeError:
-        raise
-    except Exception as e:  # PIL raises many types for bad files; all mean "unusable"
-        raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}. "
-                               f"Replace it with a good copy or delete it.") from e
-
-
-# The array load_images fills, set while it runs. Forked workers inherit it as
-# shared memory and write their rows in place, so the pixels (200 MB for weather
-# at 256) never travel through pipes, which cost more than the decoding saves.
-_OUT: np.ndarray | None = None
-
-
-def _decode_into_out(job):
-    index, path, size = job
-    with warnings.catch_warnings(record=True) as caught:  # returned: a worker's own warnings would be lost
-        warnings.simplefilter("always")
-        try:
-            im = decode_image(path, size)
-        except ImageDecodeError as e:
-            return index, str(e), [(str(w.message), w.category) for w in caught]
-    # The whole photo squashed to a square, no crop: in whole-scene classes (sky,
-    # X-ray) the edges carry the class as much as the centre.
-    im = im.resize((size, size), Image.BILINEAR)
-    _OUT[index] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-    return index, None, [(str(w.message), w.category) for w in caught]
-
-
-def _fork_available() -> bool:
-    # fork starts workers instantly and shares memory with them; they need only
-    # PIL and numpy, not torch's thread pools. Spawned workers would re-import
-    # torch (seconds each) and could not share _OUT, so without fork we decode
-    # in this process.
-    return "fork" in multiprocessing.get_all_start_methods()
-
-
-def _run_parallel(func, jobs, workers: int, progress: bool, desc: str):
-    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, leave=False)
-    try:
-        if workers > 1 and len(jobs) >= 2 * workers and _fork_available():
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for result in pool.imap_unordered(func, jobs, chunksize=8):
-                    bar.update()
-                    yield result
-        else:
-            for job in jobs:
-                result = func(job)
-                bar.update()
-                yield result
-    finally:
-        bar.close()
-
-
-def load_images(samples: list[Sample], size: int, workers: int = 2, progress: bool = True):
-    """Decode every sample once and squash it to size x size.
-
-    Returns (uint8 tensor (n_ok, 3, size, size), indices into samples of the
-    images that decoded, paths that failed). Undecodable files are skipped with
-    one warning that lists them all.
-    """
-    global _OUT
-    if size < 1:
-        raise ValueError(f"size must be a positive number of pixels, got {size}")
-    n = len(samples)
-    shape = (n, 3, size, size)
-    if n and workers > 1 and _fork_available():
-        out = np.frombuffer(mmap.mmap(-1, math.prod(shape)), dtype=np.uint8).reshape(shape)
-    else:
-        out = np.empty(shape, dtype=np.uint8)
-    jobs = [(i, str(s.path), size) for i, s in enumerate(samples)]
-    errors: dict[int, str] = {}
-    _OUT = out
-    try:
-        for index, error, caught in _run_parallel(_decode_into_out, jobs, workers, progress, "decoding"):
-            if error is not None:
-                errors[index] = error
-            for message, category in caught:
-                warnings.warn(message, category, stacklevel=2)
-    finally:
-        _OUT = None
-    kept = [i for i in range(n) if i not in errors]
-    failed = [samples[i].path for i in sorted(errors)]
-    if errors:
-        out = out[kept]
-        lines = "\n  ".join(errors[i] for i in sorted(errors))
-        warnings.warn(f"{len(errors)} of {n} image files could not be decoded and are "
-                      f"skipped:\n  {lines}", stacklevel=2)
-    return torch.from_numpy(out), kept, failed
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(float image CHW in [0, 1], label) pairs, decoded once up front.
-
-    Undecodable files are left out (see .failed); .samples are the ones kept,
-    in the order of the input list.
-    """
-
-    def __init__(self, samples: list[Sample], size: int, *, transform=None, workers: int = 2,
-                 progress: bool = False):
-        self.images, kept, self.failed = load_images(samples, size, workers=workers, progress=progress)
-        self.samples = [samples[i] for i in kept]
-        self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.long)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        image = self.images[index].float().div_(255.0)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
-
-
-# ---------------------------------------------------------------------------
 # Audit
 
 _FORMAT_OF_EXTENSION = {ext: fmt for ext, fmt in Image.registered_extensions().items()}
@@ -643,12 +363,12 @@ def _probe(job):
     """Facts about one file for the audit: its hash, real format, mode, frames,
     EXIF orientation, and whether it decodes."""
     rel, path = job
-    check = _check_one(path)  # the harness's own check: the audit and a run agree on every file
+    check = check_file(path)  # the harness's own check: the audit and a run agree on every file
     info = {"rel": rel, "sha256": check.sha256, "format": None, "mode": None, "frames": 1,
             "orientation": 1, "error": check.error, "warnings": check.warnings}
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _check_one has it, with the file name
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_file has it, with the file name
             im = Image.open(path)
         with im:
             info["format"], info["mode"] = im.format, im.mode
@@ -690,7 +410,7 @@ def audit(name=None, *, data_root=None, data_dir=None, workers: int = 2) -> tupl
         return f"== {label}: NOT USABLE\n{e}\n", False
 
     out = [f"== {scan.name}: {scan.root}", f"layout: {scan.layout}"]
-    infos = {i["rel"]: i for i in _run_parallel(
+    infos = {i["rel"]: i for i in run_parallel(
         _probe, [(e.rel, str(scan.root / e.rel)) for e in scan.present], workers, False, "audit")}
     by_rel = {e.rel: e for e in scan.present}
 

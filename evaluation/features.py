@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from evaluation.backbones import Backbone
-from evaluation.data import load_images
+from evaluation.images import load_images
 from evaluation.files import WriteError, write_atomically
 
 # Bump whenever eval_view/train_view/normalise change what they produce: it is part

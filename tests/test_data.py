@@ -24,9 +24,9 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from evaluation import data
-from evaluation.data import (DATASETS, ImageDataset, ImageDecodeError, Sample, audit, decode_image,
-                             load_dataset, load_images, load_manifest, resolve_data_root)
+from evaluation.data import DATASETS, Sample, audit, load_dataset, load_manifest, resolve_data_root
 from evaluation.folders import DatasetError, stratified_split
+from evaluation.images import ImageDataset, ImageDecodeError, decode_image, load_images
 
 # Our copy lacks 4 weather images; the tests that care about that warning record it.
 pytestmark = pytest.mark.filterwarnings("ignore:weather. 4 of 1125 images are missing:UserWarning")
@@ -557,7 +557,8 @@ def test_fingerprint_is_cheap_stable_and_tracks_contents(tmp_path, monkeypatch):
         m.setattr(Image, "open", no_reading)
         assert ds.fingerprint() == fp  # hashes are taken once, by load_dataset
     with monkeypatch.context() as m:
-        m.setattr(data, "file_sha256", no_reading)
+        m.setattr("evaluation.images.file_sha256", no_reading)  # what check_files hashes with
+        m.setattr("evaluation.data.file_sha256", no_reading)  # and DatasetSplits, for a sample without one
         m.setattr(Image, "open", no_reading)
         assert load_dataset(data_dir=root, memo=memo).fingerprint() == fp  # and remembered in the memo
     # A touched file (a fresh copy or unpack) has the same bytes: same data. New bytes: other data.
