@@ -1,4 +1,5 @@
-"""Tests for evaluation/data.py: the manifest, the loaders, decoding and the audit.
+"""Tests for the dataset modules of evaluation/ (data, folders, images, audit): the manifest,
+the loaders, users' folders, decoding and the audit.
 
 The real datasets are read from ../shared/datasets (or $LOSSBANK_DATA); the odd
 image files are made here.
@@ -23,8 +24,8 @@ import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
-from evaluation import data
-from evaluation.data import DATASETS, Sample, audit, load_dataset, load_manifest, resolve_data_root
+from evaluation.audit import audit, main
+from evaluation.data import DATASETS, Sample, load_dataset, load_manifest, resolve_data_root
 from evaluation.folders import DatasetError, stratified_split
 from evaluation.images import ImageDataset, ImageDecodeError, decode_image, load_images
 
@@ -231,7 +232,7 @@ def test_every_split_gives_tensor_label_pairs(weather_images, data_root):
 def verify_all_output(data_root):
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        rc = data.main(["verify", "all", "--data-root", str(data_root)])
+        rc = main(["verify", "all", "--data-root", str(data_root)])
     return rc, buffer.getvalue()
 
 
@@ -288,7 +289,7 @@ def test_missing_and_incomplete_datasets_give_clear_errors(tmp_path, capsys):
     with pytest.raises(DatasetError, match=r"no train images of class 'normal'.*317 of 317 images are missing"):
         load_dataset("covid", data_root=tmp_path)
 
-    assert data.main(["verify", "covid", "--data-root", str(tmp_path)]) == 1
+    assert main(["verify", "covid", "--data-root", str(tmp_path)]) == 1
     out = capsys.readouterr()
     assert "covid: NOT USABLE" in out.out and "kaggle.com/datasets/pranavraikokte" in out.out
     assert "not usable: covid" in out.err
@@ -538,7 +539,7 @@ def test_user_folder_duplicates_leakage_and_audit(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "== mine:" in run.stdout and "(leakage) (1)" in run.stdout
     (tmp_path / "nothing").mkdir()
-    assert data.main(["verify", "--data-dir", str(tmp_path / "nothing")]) == 1
+    assert main(["verify", "--data-dir", str(tmp_path / "nothing")]) == 1
 
 
 def test_fingerprint_is_cheap_stable_and_tracks_contents(tmp_path, monkeypatch):
