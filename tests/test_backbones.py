@@ -13,15 +13,17 @@ from torch import nn
 from evaluation import backbones
 from evaluation.backbones import (
     BACKBONES,
+    SPECS,
     BackboneError,
+    PipWeights,
+    TorchvisionWeights,
     check_backbone_available,
     create_backbone,
     list_backbones,
     torchvision_cache_file,
 )
 
-WIDTH = {"resnet50": 2048, "efficientnet_lite0": 1280, "mobilenet_v2": 1280, "efficientnet_b0": 1280}
-TORCHVISION = ("resnet50", "mobilenet_v2", "efficientnet_b0")
+TORCHVISION = tuple(name for name, spec in SPECS.items() if isinstance(spec.weights, TorchvisionWeights))
 
 
 def data_root() -> Path:
@@ -60,10 +62,35 @@ def offline(monkeypatch, tmp_path):
     return calls
 
 
-def test_registry_lists_the_four_backbones():
-    assert list_backbones() == list(BACKBONES)
-    assert set(BACKBONES) == set(WIDTH)
-    assert backbones.OFFLINE_BACKBONE in BACKBONES
+def test_registry_lists_the_backbones_of_the_spec_table():
+    assert list_backbones() == list(BACKBONES) == list(SPECS)
+    assert {"resnet50", "efficientnet_lite0", "mobilenet_v2", "efficientnet_b0"} <= set(BACKBONES)
+    assert isinstance(SPECS[backbones.OFFLINE_BACKBONE].weights, PipWeights)
+
+
+def last_prefixes(name):
+    return tuple(stage + "." for stage in SPECS[name].last_stages)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_spec_is_complete_and_consistent(name, random_init):
+    """What the table says of each backbone holds for its network and its weights source."""
+    spec = SPECS[name]
+    assert spec.input_size > 0 and len(spec.mean) == len(spec.std) == 3 and all(0 < s for s in spec.std)
+    full = spec.build()
+    head = [m for m in full.get_submodule(spec.head).modules() if isinstance(m, nn.Linear)]
+    assert head and head[-1].in_features == spec.num_features
+    model = random_init(name).model
+    assert not any(key.startswith(spec.head + ".") for key in model.state_dict())  # the classifier is gone
+    # Trunk and last stages are submodules that share nothing and hold every parameter between them.
+    parts = [{id(p) for m in names for p in model.get_submodule(m).parameters()}
+             for names in (spec.trunk, spec.last_stages)]
+    assert parts[0] and parts[1] and not parts[0] & parts[1]
+    assert parts[0] | parts[1] == {id(p) for p in model.parameters()}
+    if isinstance(spec.weights, TorchvisionWeights):
+        assert torchvision_cache_file(name).suffix == ".pth"  # the enum resolves, offline
+    else:  # a pip package works offline: its weights must load, every tensor, into the network
+        full.load_state_dict(backbones.imagenet_state_dict(name), strict=True)
 
 
 def test_unknown_backbone_names_the_known_ones():
@@ -94,7 +121,7 @@ def test_torchvision_weights_come_from_the_cache_or_a_download(monkeypatch, tmp_
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     published = random_init("mobilenet_v2")
     # Stand-in for the published file: same architecture, other values, classifier included.
-    reference = backbones._build_full("mobilenet_v2")
+    reference = SPECS["mobilenet_v2"].build()
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.01)
@@ -123,10 +150,12 @@ def test_torchvision_weights_come_from_the_cache_or_a_download(monkeypatch, tmp_
 def test_random_init_builds_with_the_right_width(name, random_init):
     backbone = random_init(name)
     assert backbone.name == name and backbone.weights == "none"
-    assert backbone.num_features == WIDTH[name] and backbone.input_size == 224
+    spec = SPECS[name]
+    assert backbone.num_features == spec.num_features and backbone.input_size == spec.input_size
+    assert (backbone.mean, backbone.std) == (spec.mean, spec.std)
     with torch.no_grad():
-        out = backbone.model(torch.randn(2, 3, 224, 224))
-    assert out.shape == (2, WIDTH[name])
+        out = backbone.model(torch.randn(2, 3, spec.input_size, spec.input_size))
+    assert out.shape == (2, spec.num_features)
     assert not any(p.requires_grad for p in backbone.model.parameters())
     assert not backbone.model.training
 
@@ -155,7 +184,7 @@ def test_lite0_package_weights_classify_real_fruit():
 
     folder = data_root() / "fruits" / "test_zip" / "test"
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    model.load_state_dict(backbones.lite0_imagenet_state_dict())
+    model.load_state_dict(backbones.imagenet_state_dict("efficientnet_lite0"))
     imagenet_class = {"banana": 954, "orange": 950}
     hits = 0
     for fruit, index in imagenet_class.items():
@@ -185,7 +214,7 @@ def test_weights_hash_follows_the_weights(lite0, tmp_path):
 
 
 def test_lite0_accepts_the_package_key_names_from_a_file(lite0, tmp_path):
-    source = torch.load(backbones.lite0_package_file(), map_location="cpu", weights_only=True)
+    source = torch.load(backbones.weights_file("efficientnet_lite0"), map_location="cpu", weights_only=True)
     assert next(iter(source)).startswith("_")  # the original EfficientNet names, not timm's
     path = tmp_path / "package_copy.pth"
     torch.save(source, path)
@@ -211,21 +240,13 @@ def test_bad_weights_files_are_named(tmp_path):
     with pytest.raises(BackboneError, match="garbage.pt"):
         create_backbone("efficientnet_lite0", str(garbage))
     wrong = tmp_path / "mobilenet.pt"
-    torch.save(backbones._build_full("mobilenet_v2").state_dict(), wrong)
+    torch.save(SPECS["mobilenet_v2"].build().state_dict(), wrong)
     with pytest.raises(BackboneError, match=r"mobilenet.pt: 314 tensors, but the model has 294"):
         create_backbone("efficientnet_lite0", str(wrong))  # foreign names: paired by order, and refused
     lite0_file = tmp_path / "lite0.pt"
-    torch.save(backbones._build_full("efficientnet_lite0").state_dict(), lite0_file)
+    torch.save(SPECS["efficientnet_lite0"].build().state_dict(), lite0_file)
     with pytest.raises(BackboneError, match=r"lite0.pt does not fit backbone 'mobilenet_v2'.*missing"):
         create_backbone("mobilenet_v2", str(lite0_file))
-
-
-LAST = {
-    "resnet50": ("layer3.", "layer4."),
-    "efficientnet_lite0": ("blocks.5.", "blocks.6.", "conv_head.", "bn2."),
-    "mobilenet_v2": tuple(f"features.{i}." for i in range(14, 19)),
-    "efficientnet_b0": ("features.6.", "features.7.", "features.8."),
-}
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -234,21 +255,21 @@ def test_unfreeze_last_trains_only_the_last_stages(name, random_init):
     model = backbone.model
     trainable = backbone.unfreeze("last")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names == {n for n in dict(model.named_parameters()) if n.startswith(LAST[name])}
+    assert names == {n for n in dict(model.named_parameters()) if n.startswith(last_prefixes(name))}
     assert len(trainable) == len(names) and 0 < len(names) < len(list(model.parameters()))
 
     backbone.train_mode()
     bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    live = [m for n, m in bns.items() if (n + ".").startswith(LAST[name])]
+    live = [m for n, m in bns.items() if (n + ".").startswith(last_prefixes(name))]
     # The trained stages are in train mode, but every BatchNorm keeps its running statistics...
-    assert any(m.training for n, m in model.named_modules() if n and (n + ".").startswith(LAST[name]))
+    assert any(m.training for n, m in model.named_modules() if n and (n + ".").startswith(last_prefixes(name)))
     assert live and not any(m.training for m in bns.values())
     before = {n: m.running_mean.clone() for n, m in bns.items()}
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(torch.equal(m.running_mean, before[n]) for n, m in bns.items())
     # ...while the trained stages' BatchNorm scale and shift still learn.
     assert all(m.weight.grad is not None and m.bias.grad is not None for m in live)
-    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(LAST[name]))
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(last_prefixes(name)))
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -260,7 +281,7 @@ def test_split_into_trunk_and_tail_reproduces_the_model(name, random_init):
         torch.testing.assert_close(tail(trunk(x)), backbone.model.eval()(x), rtol=1e-5, atol=1e-5)
     # The tail holds exactly the stages unfreeze("last") trains, the trunk everything else.
     tail_params = {id(p) for p in tail.parameters()}
-    last = {id(p) for n, p in backbone.model.named_parameters() if n.startswith(LAST[name])}
+    last = {id(p) for n, p in backbone.model.named_parameters() if n.startswith(last_prefixes(name))}
     assert tail_params == last
     assert len(tail_params) + len(list(trunk.parameters())) == len(list(backbone.model.parameters()))
 
