@@ -7,7 +7,7 @@
 >>> out.loss.backward()
 """
 from . import functional
-from .functional import has_native_kernels
+from ._kernels import has_native_kernels
 from .head import HeadOutput, MarginAwareHead
 from .losses import (
     AMSoftmax,

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional as LF
+from ._checks import check_head_features
+from ._precision import upcast
 from .registry import create_loss
 
 __all__ = ["MarginAwareHead", "HeadOutput"]
@@ -78,35 +79,9 @@ class MarginAwareHead(nn.Module):
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _check_features(self, features: Tensor) -> None:
-        if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[1] != self.in_features:
-            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            raise ValueError(
-                f"features must have shape (batch, {self.in_features}) for this head (in_features={self.in_features}); "
-                f"got {shape}"
-            )
-        if not features.is_floating_point():
-            raise ValueError(f"features must be a floating-point tensor; got dtype {features.dtype}")
-        own = self.weight.dtype
-        if features.dtype == own:
-            return
-        # Margin losses compute in float32 at least, so float16/bfloat16 mix with float32 there; a
-        # linear layer needs one dtype, or autocast, which casts float32 (never float64) down.
-        autocast_fits = not self.uses_margin and torch.float64 not in (features.dtype, own)
-        if self.uses_margin:
-            fits = LF._upcast(features).dtype == LF._upcast(self.weight).dtype
-        else:
-            fits = autocast_fits and torch.is_autocast_enabled(features.device.type)
-        if not fits:
-            raise ValueError(
-                f"features has dtype {features.dtype} but this head's parameters are {own}; cast the features "
-                f"(features.to({own})) or the head (head.to({features.dtype}))"
-                + (", or run it under torch.autocast" if autocast_fits else "")
-            )
-
     def logits(self, features: Tensor) -> Tensor:
         """Margin-free logits: what to argmax at test time."""
-        self._check_features(features)
+        check_head_features(features, self.in_features, self.weight, self.uses_margin)
         if self.uses_margin:
             return self.criterion.logits(features, self.weight)
         return F.linear(features, self.weight, self.bias)
@@ -114,7 +89,7 @@ class MarginAwareHead(nn.Module):
     def forward(self, features: Tensor, target: Tensor | None = None, teacher_logits: Tensor | None = None) -> HeadOutput:
         if target is None:
             return HeadOutput(self.logits(features), None)
-        self._check_features(features)
+        check_head_features(features, self.in_features, self.weight, self.uses_margin)
         if self.uses_margin:
             logits, loss = self.criterion.logits_and_loss(features, self.weight, target)
             return HeadOutput(logits, loss)
@@ -128,7 +103,7 @@ class MarginAwareHead(nn.Module):
             return HeadOutput(logits, self.criterion(logits, target, teacher_logits))
         if self.xent is not None:
             # normalised in float32, then in the layer's own dtype (bf16 after head.to(torch.bfloat16))
-            xent_logits = self.xent(F.normalize(LF._upcast(logits), dim=1).to(self.xent.weight.dtype))
+            xent_logits = self.xent(F.normalize(upcast(logits), dim=1).to(self.xent.weight.dtype))
             return HeadOutput(logits, self.criterion(logits, target, xent_logits))
         return HeadOutput(logits, self.criterion(logits, target))
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import _checks as checks
 from . import functional as LF
+from ._kernels import cosine_margin_ce, l_softmax_ce
+from ._precision import full_precision
 from .registry import register_loss
 
 __all__ = [
@@ -40,7 +43,7 @@ class _Loss(nn.Module):
 
     def __init__(self, reduction: str = "mean"):
         super().__init__()
-        LF.check_reduction(reduction)
+        checks.check_reduction(reduction)
         self.reduction = reduction
 
     @property
@@ -116,9 +119,8 @@ class MulticlassHinge(_Loss):
 
     def __init__(self, margin: float = 1.0, variant: str = "crammer_singer", reduction: str = "mean"):
         super().__init__(reduction)
-        LF._check_positive(margin, "margin", allow_zero=True)
-        if variant not in LF.HINGE_VARIANTS:
-            raise ValueError(f"variant must be one of {LF.HINGE_VARIANTS}; got {variant!r}")
+        checks.check_positive(margin, "margin", allow_zero=True)
+        checks.check_hinge_variant(variant)
         self.margin, self.variant = float(margin), variant
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -152,9 +154,8 @@ class CrossEntropy(_Loss):
         super().__init__(reduction)
         if weight is not None:
             weight = torch.as_tensor(weight, dtype=torch.float32)
-            LF._check_class_weight(weight)
-        if not (0.0 <= label_smoothing < 1.0):
-            raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+            checks.check_class_weight(weight)
+        checks.check_label_smoothing(label_smoothing)
         self.register_buffer("weight", weight)
         self.label_smoothing = float(label_smoothing)
 
@@ -194,8 +195,7 @@ class WeightedCrossEntropy(_Loss):
                 "examples per class, e.g. class_counts=[75, 73, 20, 72]"
             )
         self.register_buffer("weight", LF.class_balanced_weights(class_counts))
-        if not (0.0 <= label_smoothing < 1.0):
-            raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+        checks.check_label_smoothing(label_smoothing)
         self.label_smoothing = float(label_smoothing)
 
     @property
@@ -262,9 +262,9 @@ class LSoftmax(_MarginLoss):
         reduction: str = "mean",
     ):
         super().__init__(reduction)
-        self.margin = LF._check_margin_int(margin)
+        self.margin = checks.check_margin_int(margin)
         for name, value in (("base", base), ("gamma", gamma), ("power", power), ("lambda_min", lambda_min)):
-            LF._check_positive(value, name, allow_zero=True)
+            checks.check_positive(value, name, allow_zero=True)
         self.base, self.gamma, self.power, self.lambda_min = float(base), float(gamma), float(power), float(lambda_min)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
@@ -281,11 +281,11 @@ class LSoftmax(_MarginLoss):
     def logits(self, features: Tensor, weight: Tensor) -> Tensor:
         return LF.l_softmax_logits(features, weight)
 
-    @LF.full_precision
+    @full_precision
     def logits_and_loss(self, features: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(margin-free logits W x, loss) from one matrix product; advances λ's step when training."""
-        target = LF._check_features_weight_target(features, weight, target)
-        value, logits = LF.l_softmax_ce(features, weight, target, self.margin, self._lambda(), self.reduction)
+        target = checks.check_features_weight_target(features, weight, target)
+        value, logits = l_softmax_ce(features, weight, target, self.margin, self._lambda(), self.reduction)
         if self.training:
             self.step += 1
         return logits, value
@@ -302,18 +302,18 @@ class _NormalisedMargin(_MarginLoss):
 
     def __init__(self, scale: float, margin: float, reduction: str):
         super().__init__(reduction)
-        LF._check_positive(scale, "scale")
-        LF._check_positive(margin, "margin", allow_zero=True)
+        checks.check_positive(scale, "scale")
+        checks.check_positive(margin, "margin", allow_zero=True)
         self.scale, self.margin = float(scale), float(margin)
 
     def logits(self, features: Tensor, weight: Tensor) -> Tensor:
         return LF.cosine_logits(features, weight, self.scale)
 
-    @LF.full_precision
+    @full_precision
     def logits_and_loss(self, features: Tensor, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(margin-free logits s·cos θ, loss) from one matrix product."""
-        target = LF._check_features_weight_target(features, weight, target)
-        value, logits = LF.cosine_margin_ce(features, weight, target, self.scale, self.margin, self.angular, self.reduction)
+        target = checks.check_features_weight_target(features, weight, target)
+        value, logits = cosine_margin_ce(features, weight, target, self.scale, self.margin, self.angular, self.reduction)
         return logits, value
 
     def extra_repr(self) -> str:
@@ -372,7 +372,7 @@ class ArcFace(_NormalisedMargin):
 
     def __init__(self, scale: float = 30.0, margin: float = 0.5, reduction: str = "mean"):
         super().__init__(scale, margin, reduction)
-        LF.check_arcface_margin(margin)
+        checks.check_arcface_margin(margin)
 
 
 @register_loss(
@@ -396,7 +396,7 @@ class CosineLoss(_Loss):
 
     def __init__(self, xent_weight: float = 0.0, reduction: str = "mean"):
         super().__init__(reduction)
-        LF._check_positive(xent_weight, "xent_weight", allow_zero=True)
+        checks.check_positive(xent_weight, "xent_weight", allow_zero=True)
         self.xent_weight = float(xent_weight)
 
     def forward(self, logits: Tensor, target: Tensor, xent_logits: Tensor | None = None) -> Tensor:
@@ -430,9 +430,8 @@ class DistillationLoss(_Loss):
 
     def __init__(self, temperature: float = 2.0, alpha: float = 0.3, reduction: str = "mean"):
         super().__init__(reduction)
-        LF._check_positive(temperature, "temperature")
-        if not (0.0 <= alpha <= 1.0):
-            raise ValueError(f"alpha must be in [0, 1]; got {alpha!r}")
+        checks.check_positive(temperature, "temperature")
+        checks.check_alpha(alpha)
         self.temperature, self.alpha = float(temperature), float(alpha)
 
     def forward(self, logits: Tensor, target: Tensor, teacher_logits: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lossbank
+from lossbank import _kernels as kernels
 from lossbank import functional as LF
 from lossbank import get_loss_info, list_losses
 
@@ -31,8 +32,8 @@ C, D, N = 5, 7, 11
 @pytest.fixture(autouse=True, params=["native", "pytorch"])
 def implementation(request, monkeypatch):
     if request.param == "pytorch":
-        monkeypatch.setattr(LF, "_native", None)
-    elif LF._native is None:
+        monkeypatch.setattr(kernels, "_native", None)
+    elif not lossbank.has_native_kernels():
         pytest.fail("lossbank's C++ kernels are not built: install with `pip install --no-build-isolation -e .` "
                     "(needs a C++ compiler), as the README's set-up command does")
     return request.param
@@ -150,6 +151,7 @@ def test_am_softmax_with_m0_is_scaled_softmax_cross_entropy():
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
 def test_psi_is_continuous_and_decreasing(m):
+    """ψ and its slope as training computes them: the C++ kernels' on the native path, the PyTorch code's on the other."""
     theta = torch.linspace(0, math.pi, 20001, dtype=torch.float64)
     psi = LF.l_softmax_psi(torch.cos(theta), m)
     steps = psi[1:] - psi[:-1]
@@ -163,6 +165,13 @@ def test_psi_is_continuous_and_decreasing(m):
         assert abs(float(left - right)) < 1e-6
     torch.testing.assert_close(psi[0], torch.tensor(1.0, dtype=torch.float64))
     torch.testing.assert_close(psi[-1], torch.tensor(-2.0 * m + 1, dtype=torch.float64))
+    # The slope the backward uses is dψ/d cos θ: against central differences in cos θ.
+    c = torch.linspace(-0.999, 0.999, 1001, dtype=torch.float64)
+    h = 1e-6
+    value, slope = kernels.psi_and_slope(c, m)
+    torch.testing.assert_close(value, LF.l_softmax_psi(c, m))
+    numeric = (kernels.psi_and_slope(c + h, m)[0] - kernels.psi_and_slope(c - h, m)[0]) / (2 * h)
+    torch.testing.assert_close(slope, numeric, rtol=1e-5, atol=1e-5)
 
 
 def test_l_softmax_under_torch_compile_does_not_recompile_as_lambda_anneals():

@@ -1,6 +1,6 @@
 // Native forward and backward of the margin losses (AM-Softmax, ArcFace, L-Softmax) on CPU.
 //
-// The maths is the same as lossbank/functional.py's _CosineMarginCE and _LSoftmaxCE, which
+// The maths is the same as lossbank/_kernels.py's _CosineMarginCE and _LSoftmaxCE, which
 // stay the reference and the fallback (GPU, no compiler at install time). Why C++ at all:
 // at few classes a training step is a few dozen small tensor operations, and from Python
 // each costs several µs of dispatch, which made these losses twice as slow as a plain
@@ -22,7 +22,7 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr double kEps = 1e-12;  // the norm floor of functional._EPS
+constexpr double kEps = 1e-12;  // the norm floor of _kernels.EPS
 constexpr int64_t kRowGrain = 64;
 constexpr double kPi = 3.14159265358979323846;
 
@@ -39,12 +39,12 @@ int64_t reduction_code(const std::string& reduction) {
 // backward(create_graph=True) — a gradient penalty, a meta-gradient — needs a gradient that can
 // itself be differentiated. The written-out backwards below compute from values saved by the
 // forward, so in that case the gradient is taken instead by autograd through the PyTorch forward of
-// the same loss (lossbank.functional._native_gradients_with_graph), which records its graph.
+// the same loss (lossbank._kernels._native_gradients_with_graph), which records its graph.
 // The ordinary backward never comes here.
 variable_list gradients_with_graph(AutogradContext* ctx, const char* kernel, const Tensor& grad_loss,
                                    const py::tuple& args) {
   auto saved = ctx->get_saved_variables();  // features, weight, target: the inputs, with their history
-  py::object fn = py::module_::import("lossbank.functional").attr("_native_gradients_with_graph");
+  py::object fn = py::module_::import("lossbank._kernels").attr("_native_gradients_with_graph");
   py::tuple grads = fn(kernel, saved[0], saved[1], saved[2], grad_loss,
                        py::make_tuple(ctx->needs_input_grad(0), ctx->needs_input_grad(1)), args);
   auto tensor_or_none = [](py::handle h) { return h.is_none() ? Tensor() : h.cast<Tensor>(); };
@@ -214,6 +214,25 @@ void psi_and_slope(double c, int64_t m, double* psi, double* slope) {
   *slope = sign * m * u_cur;
 }
 
+// ψ and its slope for each element of a tensor of cos θ in [−1, 1]: what the forward below computes
+// per sample, exposed so that lossbank.functional.l_softmax_psi (and its tests) use this code on CPU.
+std::vector<Tensor> l_softmax_psi(const Tensor& cos, int64_t margin) {
+  TORCH_CHECK(cos.device().is_cpu(), "l_softmax_psi: the C++ kernels take CPU tensors");
+  const Tensor c = cos.contiguous();
+  Tensor psi = at::empty_like(c), slope = at::empty_like(c);
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "l_softmax_psi", [&] {
+    const scalar_t* ci = c.data_ptr<scalar_t>();
+    scalar_t *p = psi.data_ptr<scalar_t>(), *s = slope.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      double ps, sl;
+      psi_and_slope(static_cast<double>(ci[i]), margin, &ps, &sl);
+      p[i] = static_cast<scalar_t>(ps);
+      s[i] = static_cast<scalar_t>(sl);
+    }
+  });
+  return {psi, slope};
+}
+
 // Cross-entropy over W x with the target logit (λ·W_y·x + ‖W_y‖‖x‖ψ(θ_y)) / (1 + λ).
 struct LSoftmaxCE : public torch::autograd::Function<LSoftmaxCE> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input_features, const Tensor& input_weight,
@@ -326,8 +345,9 @@ std::vector<Tensor> l_softmax_ce_tensor_lambda(const Tensor& features, const Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Native CPU forward and backward of lossbank's margin losses (see lossbank/functional.py).";
+  m.doc() = "Native CPU forward and backward of lossbank's margin losses (see lossbank/_kernels.py).";
   m.def("cosine_margin_ce", &cosine_margin_ce, "(loss, s·cos θ) of AM-Softmax (arc=False) or ArcFace (arc=True)");
   m.def("l_softmax_ce", &l_softmax_ce, "(loss, W x) of L-Softmax with the λ blend");
   m.def("l_softmax_ce", &l_softmax_ce_tensor_lambda, "(loss, W x) of L-Softmax with the λ blend, λ a 0-d tensor");
+  m.def("l_softmax_psi", &l_softmax_psi, "(ψ, dψ/d cos θ) of L-Softmax for each cos θ in [−1, 1]");
 }
