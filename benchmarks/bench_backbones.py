@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from evaluation import backbones as bb
-from evaluation import report, run, stats
+from evaluation import records, run, stats
 
 # Peak RSS from /proc/self/status (VmHWM), which starts afresh at exec: getrusage's ru_maxrss
 # is kept across exec, so a child would report its parent's peak (this script's, 1.7-2.1 GB).
@@ -93,7 +93,7 @@ def main() -> None:
                          "--seeds", args.seeds, "--out", str(args.out / name), "--no-progress"])
         if code:
             raise SystemExit(f"the run for {name} failed with exit code {code}")
-        summary = stats.summarise(report.load_runs(args.out / name)).iloc[0]
+        summary = stats.summarise(records.load_runs(args.out / name)).iloc[0]
         backbone = bb.create_backbone(name, weights)
         params = sum(p.numel() for p in backbone.model.parameters())
         size_mb = sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values()) / 2**20

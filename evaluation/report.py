@@ -1,7 +1,7 @@
 """The report of a results folder: ``python -m evaluation.report --out DIR``.
 
 Each finished training run leaves one JSON record somewhere under ``{out}/runs/``
-(see ``load_runs`` for the fields used). The report merges whatever records are
+(``evaluation.records`` describes them). The report merges whatever records are
 there into ``summary.csv``, per-dataset ``accuracy.csv``/``accuracy.md``, a
 combined table when there are several datasets (``tables``), PNG plots (``plots``),
 and ``timing.md``; with a ``grid.json`` it also lists the requested runs that have
@@ -22,138 +22,9 @@ import warnings
 from pathlib import Path
 
 from .plots import draw_plots
+from .records import RUN_KEY_FIELDS, load_runs, run_key
 from .stats import summarise
 from .tables import format_combined, format_table, format_timing, write_tables
-
-# --------------------------------------------------------------------------
-# Run records: loading and checking
-# --------------------------------------------------------------------------
-
-# A run is identified by these fields; a second record with the same identity
-# (e.g. after merging shard folders) is a duplicate.
-RUN_KEY_FIELDS = ("dataset", "backbone", "mode", "loss", "seed", "train_fraction")
-
-
-def _record_problem(rec) -> str | None:
-    """Why `rec` cannot be used as a run record, or None when it can."""
-    if not isinstance(rec, dict):
-        return f"expected a JSON object, got {type(rec).__name__}"
-    missing = [k for k in (*RUN_KEY_FIELDS, "status") if k not in rec]
-    if missing:
-        return f"missing field(s) {', '.join(missing)}"
-    if rec["status"] not in ("ok", "failed"):
-        return f"status must be 'ok' or 'failed', got {rec['status']!r}"
-    try:
-        float(rec["train_fraction"])
-    except (TypeError, ValueError):
-        return f"train_fraction must be a number, got {rec['train_fraction']!r}"
-    if isinstance(rec["seed"], bool) or not isinstance(rec["seed"], int):
-        return f"seed must be an integer, got {rec['seed']!r}"
-    if rec["status"] == "ok":
-        final = rec.get("final")
-        if not isinstance(final, dict) or "valid_top1" not in final:
-            return "an 'ok' run needs final.valid_top1"
-        top1 = final["valid_top1"]
-        # Percentages written by mistake would silently scale every table by 100.
-        if not isinstance(top1, (int, float)) or not 0.0 <= top1 <= 1.0:
-            return f"final.valid_top1 must be a fraction in [0, 1], got {top1!r}"
-    if not isinstance(rec.get("history", []), list):
-        return "history must be a list of per-epoch dicts"
-    return None
-
-
-def _run_key(rec) -> tuple:
-    return (rec["dataset"], rec["backbone"], rec["mode"], rec["loss"],
-            int(rec["seed"]), round(float(rec["train_fraction"]), 6))
-
-
-def _describe_key(key) -> str:
-    dataset, backbone, mode, loss, seed, frac = key
-    return f"{dataset}/{backbone}/{mode}/{loss} seed {seed} train_fraction {frac:g}"
-
-
-def _dedupe(runs: list[dict]) -> list[dict]:
-    """One record per run identity: an 'ok' record beats a 'failed' one, else the first wins."""
-    kept: dict[tuple, int] = {}
-    for i, rec in enumerate(runs):
-        key = _run_key(rec)
-        if key not in kept:
-            kept[key] = i
-            continue
-        j = kept[key]
-        keep, drop = (i, j) if (rec["status"] == "ok" and runs[j]["status"] != "ok") else (j, i)
-        where = [runs[k].get("_file", f"record #{k}") for k in (keep, drop)]
-        warnings.warn(
-            f"duplicate run record for {_describe_key(key)}: keeping {where[0]} "
-            f"({runs[keep]['status']}), ignoring {where[1]} ({runs[drop]['status']})",
-            stacklevel=3,
-        )
-        kept[key] = keep
-    # Keep the original order so that "order of first appearance" means something.
-    chosen = set(kept.values())
-    return [r for i, r in enumerate(runs) if i in chosen]
-
-
-def load_runs(out_dir) -> list[dict]:
-    """Every usable run record under ``out_dir/runs`` (searched recursively for ``*.json``).
-
-    Unreadable or malformed files are skipped with a warning naming them; duplicate
-    runs (same dataset, backbone, mode, loss, seed, train_fraction) are reduced to
-    one with a warning. Each record gets a ``_file`` key with the path it came from.
-    Records come in lossbank registry order of their loss (losses the registry does
-    not know go last), then in sorted path order, so tables list losses the way the
-    harness ran them whatever the file names are.
-    """
-    runs_dir = Path(out_dir) / "runs"
-    if not runs_dir.is_dir():
-        return []
-    runs = []
-    for path in sorted(runs_dir.rglob("*.json")):
-        try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            warnings.warn(f"skipping unreadable run record {path}: {exc}", stacklevel=2)
-            continue
-        problem = _record_problem(rec)
-        if problem:
-            warnings.warn(f"skipping run record {path}: {problem}", stacklevel=2)
-            continue
-        rec["_file"] = str(path)
-        runs.append(rec)
-    rank = _registry_rank()
-    runs.sort(key=lambda r: rank.get(r["loss"], len(rank)))  # stable: path order within a loss
-    return _dedupe(runs)
-
-
-def _registry_rank() -> dict[str, int]:
-    """Position of each registered loss; empty when lossbank cannot be imported
-    (the report then still works, in file order)."""
-    try:
-        from lossbank import list_losses
-    except ImportError:
-        return {}
-    return {name: i for i, name in enumerate(list_losses())}
-
-
-def _data_of(rec: dict):
-    signature = rec.get("signature")
-    return signature.get("data") if isinstance(signature, dict) else None
-
-
-def _refuse_mixed_data(runs: list[dict]) -> None:
-    """Runs of one dataset name made on different data (other classes or files) must never share a table."""
-    first: dict[str, dict] = {}
-    for rec in runs:
-        seen = first.setdefault(rec["dataset"], rec)
-        if _data_of(seen) != _data_of(rec):
-            where = [r.get("_file", f"a record of {r['loss']} seed {r['seed']}") for r in (seen, rec)]
-            describe = [json.dumps(_data_of(r)) if _data_of(r) else "no record of its data (older lossbank)"
-                        for r in (seen, rec)]
-            raise ValueError(
-                f"runs of {rec['dataset']!r} were made on different data and cannot be summarised together: "
-                f"{where[0]} ({describe[0]}) and {where[1]} ({describe[1]}); keep each dataset version in its own "
-                f"results folder")
-
 
 # --------------------------------------------------------------------------
 # The report: grid and timing files, everything together
@@ -172,7 +43,7 @@ def missing_runs(runs: list[dict], grid: list[dict], where: str = "grid") -> lis
     """The grid entries with no run record (ok or failed: a failed run has finished)."""
     if not isinstance(grid, list):
         raise ValueError(f"{where} must be a JSON list of run descriptions, got {type(grid).__name__}")
-    done = {_run_key(r) for r in runs}
+    done = {run_key(r) for r in runs}
     missing = []
     for i, entry in enumerate(grid):
         lacking = [k for k in RUN_KEY_FIELDS if not isinstance(entry, dict) or k not in entry]
@@ -180,7 +51,7 @@ def missing_runs(runs: list[dict], grid: list[dict], where: str = "grid") -> lis
             raise ValueError(f"{where} entry #{i} lacks {', '.join(lacking)}: {entry!r}; every entry needs "
                              f"{', '.join(RUN_KEY_FIELDS)}")
         try:
-            key = _run_key(entry)
+            key = run_key(entry)
         except (TypeError, ValueError):
             raise ValueError(f"{where} entry #{i}: seed must be an integer and train_fraction a number, "
                              f"got {entry!r}") from None

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student_t
 
+from .records import dedupe, record_problem, refuse_mixed_data
+
 SUMMARY_COLUMNS = [
     "dataset", "backbone", "mode", "loss", "train_fraction",
     "seeds", "failed",
@@ -80,17 +82,16 @@ def summarise(runs: list[dict]) -> pd.DataFrame:
     fraction, largest first.
     """
     # Not at the top: report.py, where the record checks live for now, imports this module.
-    from .report import _dedupe, _record_problem, _refuse_mixed_data
 
-    bad = [(i, p) for i, r in enumerate(runs) if (p := _record_problem(r))]
+    bad = [(i, p) for i, r in enumerate(runs) if (p := record_problem(r))]
     if bad:
         i, problem = bad[0]
         where = runs[i].get("_file", f"record #{i}") if isinstance(runs[i], dict) else f"record #{i}"
         raise ValueError(f"summarise: run {where} is not a valid run record: {problem}")
-    runs = _dedupe(runs)
+    runs = dedupe(runs)
     if not runs:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    _refuse_mixed_data(runs)
+    refuse_mixed_data(runs)
 
     orders = {f: _first_appearance(r[f] for r in runs) for f in ("dataset", "backbone", "mode", "loss")}
     groups: dict[tuple, list[dict]] = {}

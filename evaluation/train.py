@@ -12,7 +12,7 @@ import copy
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -20,38 +20,12 @@ from torch import Tensor, nn
 
 from lossbank import HeadOutput, MarginAwareHead, get_loss_info
 
+from . import distributed
+from . import features as feats
 from .distributed import SINGLE, Context, gather_rows
 
-# Learning rates (AdamW) per loss where the shared default does not suit it. The cosine
-# loss saturates on small logits and wants larger steps; the bounded probability losses
-# (L1, L2) have small gradients far from the target. These are starting points, not the
-# result of a search.
-DEFAULT_LR = 1e-3
-LOSS_LR = {"cosine": 1e-2, "l1": 3e-3, "l2": 3e-3}
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float | None = None  # None: the per-loss default above
-    weight_decay: float = 1e-4
-    patience: int = 10  # epochs without a better valid loss before stopping; 0 = never stop early
-    # Width of an MLP layer before the head; 0 = the head sits on the features. The margin
-    # losses need it: on covid, AM-Softmax and ArcFace on the raw 1280-d features reached
-    # 76 % and 61 % valid, behind a 256-wide layer 91 % and 92 % (one seed, Lite0, frozen).
-    hidden: int = 256
-    dropout: float = 0.2
-    loss_kwargs: dict = field(default_factory=dict)
-
-    def lr_for(self, loss: str) -> float:
-        return self.lr if self.lr is not None else LOSS_LR.get(loss, DEFAULT_LR)
-
-    def as_dict(self, loss: str) -> dict:
-        d = asdict(self)
-        d["lr"] = self.lr_for(loss)
-        return d
-
+# Fine-tuning moves pretrained stages with smaller steps than the new head.
+BACKBONE_LR_SCALE = 0.1
 
 class Classifier(nn.Module):
     """[backbone →] [standardise →] [dropout → MLP →] MarginAwareHead.
@@ -92,16 +66,15 @@ class Classifier(nn.Module):
         return self.head(self.neck((x.to(dtype) - self.mean) / self.std), target, teacher_logits)
 
 
-def build_classifier(loss: str, in_features: int, num_classes: int, class_counts: list[int], config: TrainConfig,
-                     *, backbone: nn.Module | None = None, mean: Tensor | None = None, std: Tensor | None = None,
-                     context: Context = SINGLE) -> Classifier:
-    kwargs = dict(config.loss_kwargs)
+def build_classifier(loss: str, in_features: int, num_classes: int, class_counts: list[int], *, hidden: int,
+                     dropout: float, loss_kwargs: dict | None = None, backbone: nn.Module | None = None,
+                     mean: Tensor | None = None, std: Tensor | None = None, context: Context = SINGLE) -> Classifier:
+    kwargs = dict(loss_kwargs or {})
     if get_loss_info(loss).needs_class_counts:
         kwargs.setdefault("class_counts", class_counts)
-    width = config.hidden or in_features
-    head = MarginAwareHead(width, num_classes, loss, **kwargs)
-    return Classifier(head, backbone=backbone, in_features=in_features, hidden=config.hidden,
-                      dropout=config.dropout, mean=mean, std=std, context=context)
+    head = MarginAwareHead(hidden or in_features, num_classes, loss, **kwargs)
+    return Classifier(head, backbone=backbone, in_features=in_features, hidden=hidden,
+                      dropout=dropout, mean=mean, std=std, context=context)
 
 
 # ---------------------------------------------------------------- metrics
@@ -141,6 +114,111 @@ def feature_batches(features: Tensor, labels: Tensor, batch_size: int, seed: int
             yield features[view[idx], idx], labels[idx]
 
     return epoch_batches
+
+
+def stratified_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
+    """Indices of a seeded, per-class subsample: round(fraction · n_c), at least one per class."""
+    if fraction >= 1:
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(10_007 + seed)
+    keep = []
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        k = max(1, round(fraction * len(idx)))
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(keep).sort().values
+
+
+def finetune_batches(config, ctx: Context, net, inputs: Tensor, labels: Tensor, seed: int, *, train: bool,
+                     cached: bool) -> Batches:
+    """epoch -> (this process's inputs, the global batch's target) for each global batch.
+
+    ``inputs`` are cached trunk outputs (views, N, C, H, W), each epoch picking a view per
+    image, or decoded images (N, 3, S, S), each augmented with its own generator. Either
+    way the random choices depend on (seed, epoch, image) only, never on which process
+    handles the image.
+    """
+    n = len(labels)
+
+    def epoch_batches(epoch):
+        epoch_seed = seed * 100_003 + epoch
+        if cached:
+            views = inputs.shape[0]
+            view = (torch.randint(0, views, (n,), generator=torch.Generator().manual_seed(epoch_seed))
+                    if train else torch.zeros(n, dtype=torch.long))
+        for local, rows in distributed.batch_indices(n, config.batch_size, ctx, shuffle=train, seed=seed, epoch=epoch):
+            if train and len(rows) < 2:  # a batch of one breaks BatchNorm in the MLP: skip it (other epochs see it)
+                continue
+            if cached:
+                x = inputs[view[local], local].to(config.device)
+            else:
+                images = inputs[local].to(config.device)
+                if train:
+                    images = torch.cat([feats.train_view(images[j:j + 1], config.image_size,
+                                                         torch.Generator().manual_seed(epoch_seed * 1_000_003 + int(i)))
+                                        for j, i in enumerate(local)])
+                else:
+                    images = feats.eval_view(images, config.image_size)
+                x = feats.normalise(images, net)
+            yield x.contiguous(memory_format=torch.channels_last), labels[rows].to(config.device)
+
+    return epoch_batches
+
+
+@dataclass
+class RunSetup:
+    """An untrained model for one run and what trains it."""
+    model: nn.Module
+    param_groups: list[dict]  # the backbone's with "lr_scale"
+    train_batches: Batches
+    valid_batches: Callable[[], Iterable]
+    train_mode: Callable[[], None]
+    class_counts: list[int]  # of the training subset
+    num_train: int
+
+
+def set_up_run(config, ctx: Context, inputs: dict, num_classes: int, backbone, loss: str, seed: int,
+               fraction: float) -> RunSetup:
+    """The model of one run (frozen: head on cached features; finetune: backbone stages too), seeded, with its batches."""
+    subset = stratified_subset(inputs["train_y"], fraction, seed)
+    train_y = inputs["train_y"][subset]
+    counts = torch.bincount(train_y, minlength=num_classes).tolist()
+    torch.manual_seed(seed)
+    if config.mode == "frozen":
+        train_x = inputs["train_x"][:, subset]
+        flat = train_x.reshape(-1, train_x.shape[-1])
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        model = build_classifier(loss, backbone.num_features, num_classes, counts, hidden=config.hidden,
+                                 dropout=config.dropout, mean=mean, std=std)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        train_batches = feature_batches(train_x, train_y, config.batch_size, seed)
+        valid_x, valid_y = inputs["valid_x"], inputs["valid_y"]
+
+        def valid_batches():
+            return ((valid_x[i:i + 256], valid_y[i:i + 256]) for i in range(0, len(valid_y), 256))
+        train_mode = model.train
+    else:
+        net = copy.deepcopy(backbone)
+        backbone_params = net.unfreeze(config.unfreeze)
+        net.model.to(memory_format=torch.channels_last)
+        # unfreeze last: the inputs are the cached trunk outputs, and only the tail runs here
+        cached = config.unfreeze == "last"
+        model = build_classifier(loss, net.num_features, num_classes, counts, hidden=config.hidden,
+                                 dropout=config.dropout, backbone=net.split()[1] if cached else net.model, context=ctx)
+        head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+        groups = [{"params": head_params}, {"params": backbone_params, "lr_scale": BACKBONE_LR_SCALE}]
+        train_x = inputs["train_x"][:, subset] if cached else inputs["train_x"][subset]
+        train_batches = finetune_batches(config, ctx, net, train_x, train_y, seed, train=True, cached=cached)
+
+        def valid_batches():
+            return finetune_batches(config, ctx, net, inputs["valid_x"], inputs["valid_y"], seed, train=False,
+                                    cached=cached)(0)
+
+        def train_mode():
+            model.train()
+            net.train_mode()
+    dtype = torch.float64 if config.precision == "fp64" else torch.float32
+    return RunSetup(model.to(config.device, dtype), groups, train_batches, valid_batches, train_mode, counts, len(subset))
 
 
 # ---------------------------------------------------------------- one epoch
@@ -223,23 +301,24 @@ class FitResult:
 
 
 def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches, valid_batches: Callable[[], Iterable],
-        num_classes: int, config: TrainConfig, lr: float, *, device: str = "cpu", teacher: nn.Module | None = None,
-        amp: bool = False, train_mode: Callable[[], None] | None = None,
+        num_classes: int, *, epochs: int, lr: float, weight_decay: float, patience: int, device: str = "cpu",
+        teacher: nn.Module | None = None, amp: bool = False, train_mode: Callable[[], None] | None = None,
         progress: Callable[[dict], None] | None = None) -> FitResult:
-    """Train for ``config.epochs`` with AdamW and a cosine schedule; early stopping on valid loss.
+    """Train for ``epochs`` with AdamW and a cosine schedule; early stopping on valid loss after ``patience``
+    epochs without improvement (0: never).
 
     ``final`` is the state at the last epoch trained (not the best one: choosing the best
     epoch on the valid set would flatter the valid accuracy); ``best_*`` are reported beside it.
     """
-    optimiser = torch.optim.AdamW(list(params), lr=lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs)
+    optimiser = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
     history: list[dict] = []
     best_loss, best_epoch, best_top1, waited = math.inf, 0, 0.0, 0
     status, failed_epoch, failure = "ok", None, None
     start = time.perf_counter()
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     criterion = inner.head.criterion if hasattr(inner, "head") else None
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         train = train_one_epoch(model, train_batches(epoch), optimiser, device=device, teacher=teacher, amp=amp,
                                 train_mode=train_mode)
@@ -264,7 +343,7 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches
             best_loss, waited = valid["valid_loss"], 0
         else:
             waited += 1
-            if config.patience and waited >= config.patience:
+            if patience and waited >= patience:
                 break
     last = history[-1] if history else {}
     final = {k: last.get(k) for k in ("valid_top1", "valid_top3", "valid_macro_f1", "valid_loss")}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evaluation import plots, report, stats, tables
+from evaluation import plots, records, report, stats, tables
 from lossbank import list_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def full_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     runs = all_runs()
     write_runs(out, runs)
-    grid = [{k: r[k] for k in report.RUN_KEY_FIELDS} for r in runs]
+    grid = [{k: r[k] for k in records.RUN_KEY_FIELDS} for r in runs]
     grid.append({"dataset": "covid", "backbone": "efficientnet_lite0", "mode": "frozen",
                  "loss": "hinge", "seed": 0, "train_fraction": 1.0})
     (out / "grid.json").write_text(json.dumps(grid))
@@ -198,7 +198,7 @@ def test_load_runs_skips_bad_files_and_dedupes(tmp_path):
     (tmp_path / "runs" / "a_dup.json").write_text(json.dumps(dup_failed))
 
     with pytest.warns(UserWarning) as caught:
-        loaded = report.load_runs(tmp_path)
+        loaded = records.load_runs(tmp_path)
     messages = [str(w.message) for w in caught]
     assert any("broken.json" in m and "unreadable" in m for m in messages)
     assert any("percent.json" in m and "[0, 1]" in m for m in messages)
@@ -217,7 +217,7 @@ def test_identical_duplicates_in_memory_are_counted_once():
 
 
 def test_load_runs_without_runs_folder(tmp_path):
-    assert report.load_runs(tmp_path) == []
+    assert records.load_runs(tmp_path) == []
 
 
 # ---------------------------------------------------------------- tables
@@ -350,7 +350,7 @@ def test_missing_runs_from_grid(full_report):
 def test_bad_grid_entry_is_named():
     with pytest.raises(ValueError, match="grid.json entry #1 lacks backbone, .*seed"):
         report.missing_runs([make_run("fruits", "hinge", 0)],
-                            [{k: 1 for k in report.RUN_KEY_FIELDS}, {"dataset": "fruits"}], "grid.json")
+                            [{k: 1 for k in records.RUN_KEY_FIELDS}, {"dataset": "fruits"}], "grid.json")
 
 
 def test_timing(full_report):
@@ -408,9 +408,12 @@ def test_regeneration_sittings_are_logged_and_summed(tmp_path, monkeypatch):
     """A killed `python -m evaluation.results` is logged too, and the resumed total counts every sitting."""
     from evaluation import results, run
 
+    assert [c[0] for c in results.grid_commands(tmp_path, tmp_path)] == ["--config"] * 4
+
     out = tmp_path / "results"
     written = {}
-    monkeypatch.setattr(run, "DEFAULT_FEATURE_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the grid's feature cache: ~/.cache/lossbank/features
+    cache = tmp_path / "home" / ".cache" / "lossbank" / "features"
     monkeypatch.setattr(results, "write_results_md", lambda *a: written.update(ledger=a[-1]))
     calls = []
 
@@ -431,8 +434,8 @@ def test_regeneration_sittings_are_logged_and_summed(tmp_path, monkeypatch):
         results.regeneration_time(first)
 
     # A regeneration that starts from an empty results/ again forgets the old log; kill it half-way.
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "x.pt").write_text("")
+    cache.mkdir(parents=True)
+    (cache / "x.pt").write_text("")
     for f in (out / "runs").iterdir():
         f.unlink()
     with pytest.raises(KeyboardInterrupt):

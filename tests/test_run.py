@@ -4,6 +4,7 @@ One feature cache is shared by the module, so EfficientNet-Lite0 runs over fruit
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
-from evaluation import backbones, run
+from evaluation import backbones, run, train
+from evaluation import records as record_files
 from image_folders import write_image_folder
 from lossbank import register_loss
 from lossbank.registry import _REGISTRY
@@ -104,8 +107,8 @@ def test_train_fraction_is_stratified_and_seeded(tmp_path, cache_dir):
     counts = recs["cross_entropy/seed0-frac0.25"]["train_class_counts"]
     assert counts == [round(0.25 * n) for n in (75, 73, 20, 72)]
     labels = torch.arange(4).repeat_interleave(torch.tensor([75, 73, 20, 72]))
-    assert run.stratified_subset(labels, 0.25, 0).tolist() != run.stratified_subset(labels, 0.25, 1).tolist()
-    assert run.stratified_subset(labels, 0.25, 0).tolist() == run.stratified_subset(labels, 0.25, 0).tolist()
+    assert train.stratified_subset(labels, 0.25, 0).tolist() != train.stratified_subset(labels, 0.25, 1).tolist()
+    assert train.stratified_subset(labels, 0.25, 0).tolist() == train.stratified_subset(labels, 0.25, 0).tolist()
 
 
 @pytest.fixture
@@ -168,9 +171,9 @@ def test_finetune_mode_trains_the_last_stages(tmp_path):
     recs = records(out)
     for name in ("am_softmax/seed0-frac1", "distillation/seed0-frac1"):
         assert recs[name]["status"] == "ok" and recs[name]["mode"] == "finetune"
-        assert recs[name]["config"]["precision"] == "bf16"
+        assert recs[name]["signature"]["precision"] == "bf16"
         assert len(recs[name]["history"]) == 2 and recs[name]["num_train"] == 8
-        assert recs[name]["config"]["unfreeze"] == "last"
+        assert recs[name]["signature"]["unfreeze"] == "last"
     # The teacher of a finetuned distillation run is the finetuned tail of the backbone and the head,
     # saved beside its run; the frozen trunk is in the cache, as the trunk's outputs.
     teacher = torch.load(out / "runs/tiny/efficientnet_lite0-finetune/cross_entropy/seed0-frac1.pt", weights_only=True)
@@ -191,7 +194,7 @@ def test_finetune_mode_trains_the_last_stages(tmp_path):
         (["--dataset", "fruits", "--epochs", "0"], "--epochs must be at least 1"),
         (["--dataset", "mnist"], "invalid choice: 'mnist'"),
         (["--dataset", "fruits", "--weights", "/nonexistent.pth"], "--weights: no file at /nonexistent.pth"),
-        ([], "one of the arguments --dataset --data-dir is required"),
+        ([], "give one of --dataset or --data-dir"),
         (["--dataset", "fruits", "--device", "gpu"], "--device 'gpu': use auto (CUDA when available), cpu, cuda"),
         (["--dataset", "fruits", "--lr", "1e38"], "--lr must be a positive number up to 10; got 1e+38"),
         (["--dataset", "fruits", "--train-fraction", "0.5,0.5000001"], "--train-fraction 0.5 and 0.5000001 are the same run"),
@@ -447,21 +450,21 @@ def test_a_full_disk_while_saving_a_run_names_the_file_and_keeps_what_finished(t
     root = tiny_folder(tmp_path / "tiny")
     argv = ["--data-dir", str(root), *TINY, "--losses", "hinge,cross_entropy", "--out", str(tmp_path / "out"),
             "--cache-dir", str(tmp_path / "cache")]
-    real = run.write_json_atomically
+    real = record_files.write_json_atomically
 
     def full_after_first(obj, path):
         if "cross_entropy" in str(path):
             def no_space(tmp):
                 tmp.write_text("{")
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return run.write_atomically(path, no_space)
+            return record_files.write_atomically(path, no_space)
         return real(obj, path)
 
-    monkeypatch.setattr(run, "write_json_atomically", full_after_first)
+    monkeypatch.setattr(record_files, "write_json_atomically", full_after_first)
     assert run.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert re.match(r"error: cannot write .*cross_entropy/seed0-frac1.json \(No space left on device\)", err[-1]), err
-    assert [p.name for p in (tmp_path / "out" / "runs").rglob("*") if p.is_file()] == ["seed0-frac1.json"]  # hinge's
+    assert [p.name for p in (tmp_path / "out" / "runs").rglob("*.json")] == ["seed0-frac1.json"]  # hinge's
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
@@ -485,3 +488,35 @@ def test_without_the_eval_extra_the_harness_says_what_to_install():
     assert done.stderr.strip() == ("error: the lossbank harness (evaluation) needs the 'eval' extra, and tqdm is not "
                                    "installed: pip install 'lossbank[eval]' (from a checkout: pip install "
                                    "--no-build-isolation -e '.[eval]')")
+
+
+def test_a_config_file_runs_like_its_flags_and_each_out_keeps_the_resolved_config(tmp_path, capsys):
+    root = tiny_folder(tmp_path / "tiny")
+    file = tmp_path / "quick.yaml"
+    file.write_text(f"data-dir: {root}\nbackbone: efficientnet_lite0\nlosses: [hinge, cross_entropy]\nepochs: 2\n"
+                    f"batch_size: 4\nprecision: fp32\nno_progress: true\ncache_dir: {tmp_path / 'cache'}\n")
+    out = tmp_path / "out"
+    assert run.main(["--config", str(file), "--seeds", "1", "--out", str(out)]) == 0  # flags override the file
+    recs = records(out)
+    assert set(recs) == {"hinge/seed1-frac1", "cross_entropy/seed1-frac1"}
+    assert all(len(r["history"]) == 2 and r["signature"]["batch_size"] == 4 for r in recs.values())
+    kept = out / "runs" / "tiny" / "efficientnet_lite0-frozen" / "config.yaml"
+    saved = yaml.safe_load(kept.read_text())
+    assert saved["seeds"] == [1] and saved["epochs"] == 2 and saved["losses"] == ["hinge", "cross_entropy"]
+    assert saved["precision"] == "fp32" and saved["device"] == "cpu"  # resolved, as it ran
+    # the kept file reruns the command: everything is finished, nothing trains
+    capsys.readouterr()
+    assert run.main(["--config", str(kept)]) == 0
+    assert ": valid top-1" not in capsys.readouterr().out
+    with flag_error() as err:
+        run.main(["--config", str(tmp_path / "missing.yaml")])
+    assert "--config " in err() and "missing.yaml: cannot read it" in err()
+
+
+@contextlib.contextmanager
+def flag_error():
+    import io
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer), pytest.raises(SystemExit) as exc:
+        yield buffer.getvalue
+    assert exc.value.code == 2
