@@ -214,11 +214,14 @@ def plot_loss_curves(runs: list[dict], dataset: str, plots_dir, backbone=None, m
             ax.legend(handles, labels, fontsize=8, loc="upper right")
     for ax in axes[len(losses):]:
         ax.set_visible(False)
-    fig.suptitle(f"{_context(dataset, backbone, mode, frac)}: train/valid loss per epoch "
-                 f"(mean over {_plural(max_seeds, 'seed')})\n"
-                 f"band = min–max over seeds; after early stopping, over the seeds that reached the epoch",
-                 fontsize=12)
-    path = _plot_path(plots_dir, dataset, backbone, mode, frac, qualified, "loss_curves")
+    return _save_panels(fig, f"{_context(dataset, backbone, mode, frac)}: train/valid loss per epoch (mean over "
+                             f"{_plural(max_seeds, 'seed')})\nband = min–max over seeds; after early stopping, over "
+                             f"the seeds that reached the epoch",
+                        _plot_path(plots_dir, dataset, backbone, mode, frac, qualified, "loss_curves"))
+
+
+def _save_panels(fig, title: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=12)
     fig.savefig(path, dpi=DPI)
     return path
 
@@ -272,13 +275,10 @@ def plot_accuracy_curves(runs: list[dict], dataset: str, plots_dir, backbone=Non
             ax.set_ylabel("valid top-1 (%)")
         if i < len(losses):
             ax.set_xlabel("epoch")
-    fig.suptitle(f"{_context(dataset, backbone, mode, frac)}: valid top-1 per epoch "
-                 f"(mean over {_plural(max_seeds, 'seed')})\n"
-                 f"band = min–max over seeds; grey = the other losses' means; black dotted = failed run",
-                 fontsize=12)
-    path = _plot_path(plots_dir, dataset, backbone, mode, frac, qualified, "accuracy_curves")
-    fig.savefig(path, dpi=DPI)
-    return path
+    return _save_panels(fig, f"{_context(dataset, backbone, mode, frac)}: valid top-1 per epoch (mean over "
+                             f"{_plural(max_seeds, 'seed')})\nband = min–max over seeds; grey = the other losses' "
+                             f"means; black dotted = failed run",
+                        _plot_path(plots_dir, dataset, backbone, mode, frac, qualified, "accuracy_curves"))
 
 
 def _summary_get(row, field):
