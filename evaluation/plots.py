@@ -1,4 +1,6 @@
-"""The report's PNG plots: loss and accuracy curves, final accuracy per loss, and the fraction study.
+"""The report's PNG plots: loss and accuracy curves and the fraction study; ``draw_plots`` draws them and
+the comparison figures of ``comparison_plots`` (differences against the baseline, critical-difference
+diagrams, confusion matrices).
 
 Accuracies are percentages here. ``plot_name`` is the one place a plot's file name is made,
 so that RESULTS.md (``evaluation.results``) links the files the report drew. A stamp file in
@@ -12,13 +14,16 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from . import significance
 from . import stats as _stats
 from .files import safe_name, write_text_atomically
+from .records import protocol_of
 from .stats import as_float
 
 DPI = 120
@@ -35,17 +40,48 @@ def _loss_colors(losses) -> dict:
     return {loss: palette[i % len(palette)] for i, loss in enumerate(losses)}
 
 
-def _select(items, dataset, backbone, mode, train_fraction, what, get):
-    """Narrow records/rows to one (dataset, backbone, mode, train_fraction).
+class Selection(NamedTuple):
+    """The records or summary rows of one figure, and what names it."""
+    items: list
+    dataset: str
+    backbone: str
+    mode: str
+    protocol: str
+    fraction: float
+    qualified: bool  # the dataset has several (backbone, mode) under this protocol: file names carry them
 
-    Returns (selected, backbone, mode, fraction, qualified) where `qualified` says
-    whether the dataset has several (backbone, mode) combinations, so file names
-    must carry them.
-    """
+    def path(self, plots_dir, kind: str, fraction: float | None = -1.0) -> Path:
+        plots_dir = Path(plots_dir)
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        backbone, mode = (self.backbone, self.mode) if self.qualified else (None, None)
+        return plots_dir / plot_name(self.dataset, kind, backbone, mode, self.fraction if fraction == -1.0 else fraction,
+                                     self.protocol)
+
+    @property
+    def context(self) -> str:
+        text = f"{self.dataset} — {self.backbone}, {self.mode}" + (", cv" if self.protocol == "cv" else "")
+        return text + (f", {100 * self.fraction:g}% of train" if self.fraction != 1.0 else "")
+
+    @property
+    def unit(self) -> str:
+        return "run" if self.protocol == "cv" else "seed"
+
+
+def _select(items, dataset, backbone, mode, train_fraction, what, get, protocol=None) -> Selection:
+    """Narrow records/rows to one (dataset, protocol, backbone, mode, train_fraction); ``protocol`` (and
+    ``backbone``/``mode``) may be left out when the dataset has only one; the fraction defaults to the largest.
+    ``get(item, field)`` reads a field ("protocol" included) of an item."""
     mine = [x for x in items if get(x, "dataset") == dataset]
     if not mine:
         known = ", ".join(map(str, dict.fromkeys(get(x, "dataset") for x in items))) or "none"
         raise ValueError(f"{what}: no runs for dataset {dataset!r} (datasets present: {known})")
+    protocols = list(dict.fromkeys(get(x, "protocol") for x in mine))
+    if protocol is None and len(protocols) > 1:
+        raise ValueError(f"{what}: dataset {dataset!r} has runs under the protocols {protocols}; pass protocol=")
+    protocol = protocols[0] if protocol is None else protocol
+    mine = [x for x in mine if get(x, "protocol") == protocol]
+    if not mine:
+        raise ValueError(f"{what}: no runs for {dataset!r} under protocol {protocol!r}; present: {protocols}")
     combos = list(dict.fromkeys((get(x, "backbone"), get(x, "mode")) for x in mine))
     if backbone is None or mode is None:
         candidates = [c for c in combos if (backbone is None or c[0] == backbone)
@@ -67,33 +103,24 @@ def _select(items, dataset, backbone, mode, train_fraction, what, get):
     if not selected:
         raise ValueError(f"{what}: no runs for {dataset!r}/{backbone}/{mode} with train_fraction "
                          f"{train_fraction:g}; present: {fractions}")
-    return selected, backbone, mode, train_fraction, len(combos) > 1
+    return Selection(selected, dataset, backbone, mode, protocol, train_fraction, len(combos) > 1)
 
 
-def plot_name(dataset, kind, backbone=None, mode=None, fraction=None) -> str:
+ALL_DATASETS = "all_datasets"  # the first part of the name of a figure over every dataset (a kind no dataset has)
+
+
+def plot_name(dataset, kind, backbone=None, mode=None, fraction=None, protocol=None) -> str:
     """The file name of a plot: backbone and mode are in it when given (a dataset with several
-    (backbone, mode) combinations), the train fraction when given and not 1."""
-    name = safe_name(dataset)
+    (backbone, mode) combinations), the protocol unless it is "split" (the names split runs always had),
+    the train fraction when given and not 1. ``dataset`` None: a figure over every dataset."""
+    name = ALL_DATASETS if dataset is None else safe_name(dataset)
     if backbone is not None or mode is not None:
         name += f"_{safe_name(backbone)}_{safe_name(mode)}"
+    if protocol not in (None, "split"):
+        name += f"_{safe_name(protocol)}"
     if fraction is not None and fraction != 1.0:
         name += f"_frac{fraction:g}"
     return f"{name}_{kind}.png"
-
-
-def _plot_path(plots_dir, dataset, backbone, mode, fraction, qualified, kind) -> Path:
-    plots_dir = Path(plots_dir)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    if not qualified:
-        backbone = mode = None
-    return plots_dir / plot_name(dataset, kind, backbone, mode, fraction)
-
-
-def _context(dataset, backbone, mode, fraction) -> str:
-    text = f"{dataset} — {backbone}, {mode}"
-    if fraction != 1.0:
-        text += f", {100 * fraction:g}% of train"
-    return text
 
 
 def _per_epoch(runs: list[dict], field: str) -> pd.DataFrame:
@@ -118,10 +145,15 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _seed_counts(runs) -> str:
+def _seed_counts(runs, unit="seed") -> str:
     ok = sum(r["status"] == "ok" for r in runs)
     failed = len(runs) - ok
-    return _plural(ok, "seed") + (f" + {failed} failed" if failed else "")
+    return _plural(ok, unit) + (f" + {failed} failed" if failed else "")
+
+
+def unit_of(rec) -> str:
+    """A run's unit in words: its seed, or its repeat and fold under cv."""
+    return f"seed {rec['seed']}" if rec.get("fold") is None else f"repeat {rec['seed']} fold {rec['fold']}"
 
 
 def _mark_failures(ax, failed_runs, field_for_y):
@@ -144,7 +176,7 @@ def _failure_note(failed_runs) -> str:
     for r in failed_runs:
         why = str(r.get("failure") or "non-finite loss")
         why = why if len(why) <= 28 else why[:27] + "…"
-        notes.append(f"seed {r['seed']} failed at epoch {r.get('failed_epoch', '?')}: {why}")
+        notes.append(f"{unit_of(r)} failed at epoch {r.get('failed_epoch', '?')}: {why}")
     return "\n".join(notes)
 
 
@@ -155,16 +187,16 @@ def _grid_margins(fig, height_in: float, wspace: float) -> None:
 
 
 def plot_loss_curves(runs: list[dict], dataset: str, plots_dir, backbone=None, mode=None,
-                     train_fraction=None) -> Path:
+                     train_fraction=None, protocol=None) -> Path:
     """One panel per loss (each with its own y axis): train and valid loss per epoch,
     mean over seeds with a min–max band; failed runs dotted red, ending in a red x.
     For L-Softmax, λ per epoch is drawn on a right-hand axis.
 
-    `backbone`/`mode` are needed only when the dataset has several; `train_fraction`
+    `protocol`/`backbone`/`mode` are needed only when the dataset has several; `train_fraction`
     defaults to the largest present. Returns the PNG path.
     """
-    runs, backbone, mode, frac, qualified = _select(
-        runs, dataset, backbone, mode, train_fraction, "plot_loss_curves", lambda r, f: r[f])
+    sel = _select(runs, dataset, backbone, mode, train_fraction, "plot_loss_curves", _record_get, protocol)
+    runs = sel.items
     losses = list(dict.fromkeys(r["loss"] for r in runs))
     ncols = min(4, len(losses))
     nrows = math.ceil(len(losses) / ncols)
@@ -198,7 +230,7 @@ def plot_loss_curves(runs: list[dict], dataset: str, plots_dir, backbone=None, m
             ax.text(0.02, 0.02, _failure_note(failed), transform=ax.transAxes, fontsize=7.5,
                     color="crimson", va="bottom", ha="left",
                     bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=1.5))
-        ax.set_title(f"{loss} ({_seed_counts(mine)})", fontsize=11)
+        ax.set_title(f"{loss} ({_seed_counts(mine, sel.unit)})", fontsize=11)
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
         # A loss that starts orders of magnitude above where it ends (margin losses,
@@ -214,10 +246,9 @@ def plot_loss_curves(runs: list[dict], dataset: str, plots_dir, backbone=None, m
             ax.legend(handles, labels, fontsize=8, loc="upper right")
     for ax in axes[len(losses):]:
         ax.set_visible(False)
-    return _save_panels(fig, f"{_context(dataset, backbone, mode, frac)}: train/valid loss per epoch (mean over "
-                             f"{_plural(max_seeds, 'seed')})\nband = min–max over seeds; after early stopping, over "
-                             f"the seeds that reached the epoch",
-                        _plot_path(plots_dir, dataset, backbone, mode, frac, qualified, "loss_curves"))
+    return _save_panels(fig, f"{sel.context}: train/valid loss per epoch (mean over {_plural(max_seeds, sel.unit)})"
+                             f"\nband = min–max over {sel.unit}s; after early stopping, over the {sel.unit}s that "
+                             f"reached the epoch", sel.path(plots_dir, "loss_curves"))
 
 
 def _save_panels(fig, title: str, path: Path) -> Path:
@@ -227,13 +258,13 @@ def _save_panels(fig, title: str, path: Path) -> Path:
 
 
 def plot_accuracy_curves(runs: list[dict], dataset: str, plots_dir, backbone=None, mode=None,
-                         train_fraction=None) -> Path:
+                         train_fraction=None, protocol=None) -> Path:
     """Valid top-1 (%) per epoch: one panel per loss (shared y axis) with its mean over
     seeds and a min–max band, the other losses' means in grey behind it for
     comparison (ten overlapping bands on one axes are unreadable), failed runs
     dotted, ending in an x. Same selection rules as ``plot_loss_curves``."""
-    runs, backbone, mode, frac, qualified = _select(
-        runs, dataset, backbone, mode, train_fraction, "plot_accuracy_curves", lambda r, f: r[f])
+    sel = _select(runs, dataset, backbone, mode, train_fraction, "plot_accuracy_curves", _record_get, protocol)
+    runs = sel.items
     losses = list(dict.fromkeys(r["loss"] for r in runs))
     colors = _loss_colors(losses)
     stats = {loss: _per_epoch([r for r in runs if r["loss"] == loss and r["status"] == "ok"], "valid_top1")
@@ -265,7 +296,7 @@ def plot_accuracy_curves(runs: list[dict], dataset: str, plots_dir, backbone=Non
             ax.text(0.98, 0.03, _failure_note(failed), transform=ax.transAxes, fontsize=7.5,
                     color="black", va="bottom", ha="right",
                     bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=1.5))
-        ax.set_title(f"{loss} ({_seed_counts(mine)})", fontsize=11)
+        ax.set_title(f"{loss} ({_seed_counts(mine, sel.unit)})", fontsize=11)
         ax.grid(alpha=0.3)
         ax.tick_params(labelbottom=True, labelleft=True)
     for i, ax in enumerate(axes):
@@ -275,70 +306,18 @@ def plot_accuracy_curves(runs: list[dict], dataset: str, plots_dir, backbone=Non
             ax.set_ylabel("valid top-1 (%)")
         if i < len(losses):
             ax.set_xlabel("epoch")
-    return _save_panels(fig, f"{_context(dataset, backbone, mode, frac)}: valid top-1 per epoch (mean over "
-                             f"{_plural(max_seeds, 'seed')})\nband = min–max over seeds; grey = the other losses' "
+    return _save_panels(fig, f"{sel.context}: valid top-1 per epoch (mean over {_plural(max_seeds, sel.unit)})"
+                             f"\nband = min–max over {sel.unit}s; grey = the other losses' "
                              f"means; black dotted = failed run",
-                        _plot_path(plots_dir, dataset, backbone, mode, frac, qualified, "accuracy_curves"))
+                        sel.path(plots_dir, "accuracy_curves"))
 
 
 def _summary_get(row, field):
     return row[field]
 
 
-def plot_final_accuracy(summary: pd.DataFrame, dataset: str, plots_dir, backbone=None, mode=None,
-                        train_fraction=None, runs: list[dict] | None = None) -> Path:
-    """Final valid top-1 (%) per loss in summary (registry) order: every seed as a dot (from ``runs``), the mean
-    as a bar-free marker with its 95 % t-interval, on an axis zoomed to the values so that 95 and 98 look apart.
-    The title says what one valid image is worth, the resolution of every number on it."""
-    rows = [row for _, row in summary.iterrows()]
-    rows, backbone, mode, frac, qualified = _select(
-        rows, dataset, backbone, mode, train_fraction, "plot_final_accuracy", _summary_get)
-    part = pd.DataFrame(rows)
-    losses = list(part["loss"])
-    colors = _loss_colors(list(dict.fromkeys(summary["loss"])))
-    seeds_of = {loss: [100 * as_float(r["final"]["valid_top1"]) for r in runs or []
-                       if r["status"] == "ok" and r["dataset"] == dataset and r["backbone"] == backbone
-                       and r["mode"] == mode and r["loss"] == loss
-                       and round(float(r["train_fraction"]), 6) == frac] for loss in losses}
-    fig = Figure(figsize=(max(6.5, 0.9 * len(losses) + 2.5), 5.4), dpi=DPI, layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(losses))
-    means = 100 * part["top1_mean"].to_numpy(dtype=float)
-    cis = 100 * part["top1_ci95"].to_numpy(dtype=float)
-    for xi, (loss, m, ci, row) in enumerate(zip(losses, means, cis, part.itertuples(index=False))):
-        dots = seeds_of[loss]
-        if dots:
-            jitter = np.linspace(-0.12, 0.12, len(dots)) if len(dots) > 1 else [0.0]
-            ax.scatter(xi + np.asarray(jitter), dots, s=14, color="dimgrey", alpha=0.7, zorder=2, linewidths=0)
-        if np.isfinite(m):
-            ax.errorbar([xi + 0.25], [m], yerr=[[ci], [ci]] if np.isfinite(ci) else None, fmt="D",
-                        color=colors[loss], markersize=7, capsize=5, elinewidth=1.6, zorder=3)
-            text = f"{m:.1f}" + (f"\n±{ci:.1f}" if np.isfinite(ci) else "")
-        else:
-            text = f"all {_plural(row.failed, 'run')}\nfailed"
-        if row.failed and np.isfinite(m):
-            text += f"\n({row.failed} failed)"
-        ax.annotate(text, (xi + 0.25, m if np.isfinite(m) else np.nan), xytext=(8, 0), textcoords="offset points",
-                    fontsize=8, va="center")
-    values = [v for loss in losses for v in seeds_of[loss]]
-    values += [v for m, ci in zip(means, cis) for v in ((m - ci, m + ci) if np.isfinite(ci) else (m,)) if np.isfinite(v)]
-    low, high = (min(values), max(values)) if values else (0.0, 100.0)
-    pad = max(1.0, 0.15 * (high - low))
-    ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad) + 0.5)
-    ax.set_xticks(x, losses, rotation=30, ha="right")
-    ax.set_xlim(-0.6, len(losses) - 0.1)
-    ax.set_ylabel("final valid top-1 accuracy (%)")
-    ax.grid(axis="y", alpha=0.3)
-    seeds = int(part["seeds"].max()) if len(part) else 0
-    n_valid = part["num_valid"].dropna()
-    resolution = f"; one valid image = {100 / float(n_valid.iloc[0]):.1f} points" if len(n_valid) and n_valid.iloc[0] else ""
-    spread = (f"seeds (dots), mean with 95 % interval over {_plural(seeds, 'seed')}" if seeds > 1
-              else "one seed, so no interval")
-    ax.set_title(f"{_context(dataset, backbone, mode, frac)}:\nfinal valid top-1 per loss: {spread}{resolution}",
-                 fontsize=11)
-    path = _plot_path(plots_dir, dataset, backbone, mode, frac, qualified, "final_accuracy")
-    fig.savefig(path, dpi=DPI)
-    return path
+def _record_get(rec, field):
+    return protocol_of(rec) if field == "protocol" else rec[field]
 
 
 def _failed_suffix(n: int) -> str:
@@ -346,15 +325,14 @@ def _failed_suffix(n: int) -> str:
 
 
 def plot_fraction_study(summary: pd.DataFrame, dataset: str, plots_dir, backbone=None,
-                        mode=None) -> Path | None:
+                        mode=None, protocol=None) -> Path | None:
     """Final valid top-1 (%) vs train fraction, one line per loss with std error bars.
-    None when the dataset (for this backbone and mode) has only one train fraction."""
+    None when the dataset (for this protocol, backbone and mode) has only one train fraction."""
     rows = [row for _, row in summary.iterrows()]
-    # _select narrows to one fraction; only its backbone/mode choice is wanted here.
-    _, backbone, mode, _, qualified = _select(
-        rows, dataset, backbone, mode, None, "plot_fraction_study", _summary_get)
-    part = summary[(summary["dataset"] == dataset) & (summary["backbone"] == backbone)
-                   & (summary["mode"] == mode)]
+    # _select narrows to one fraction; only its protocol/backbone/mode choice is wanted here.
+    sel = _select(rows, dataset, backbone, mode, None, "plot_fraction_study", _summary_get, protocol)
+    part = summary[(summary["dataset"] == dataset) & (summary["backbone"] == sel.backbone)
+                   & (summary["mode"] == sel.mode) & (summary["protocol"] == sel.protocol)]
     fractions = sorted(part["train_fraction"].unique())
     if len(fractions) < 2:
         return None
@@ -382,19 +360,23 @@ def plot_fraction_study(summary: pd.DataFrame, dataset: str, plots_dir, backbone
     ax.set_ylabel("final valid top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.set_title(f"{dataset} — {backbone}, {mode}: final valid top-1 vs amount of training data\n"
-                 f"(mean ± std over seeds)", fontsize=12)
-    path = _plot_path(plots_dir, dataset, backbone, mode, None, qualified, "fraction_study")
+    ax.set_title(f"{sel._replace(fraction=1.0).context}: final valid top-1 vs amount of training data\n"
+                 f"(mean ± std over {sel.unit}s)", fontsize=12)
+    path = sel.path(plots_dir, "fraction_study", fraction=None)
     fig.savefig(path, dpi=DPI)
     return path
 
 
-def _plots_digest(runs: list[dict]) -> str:
-    """What the plots are drawn from: every run record, the code that draws them and the code of the
-    summary they show."""
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update(Path(_stats.__file__).read_bytes())
-    digest.update(json.dumps(runs, sort_keys=True, default=str).encode())
+def _plots_digest(runs: list[dict], comparison) -> str:
+    """What the plots are drawn from: every run record, the baseline and alpha of the comparison, the code that
+    draws them and the code of the summary and the tests they show."""
+    from . import comparison_plots
+
+    digest = hashlib.sha256()
+    for source in (__file__, _stats.__file__, significance.__file__, comparison_plots.__file__):
+        digest.update(Path(source).read_bytes())
+    what = comparison and [comparison.baseline, comparison.alpha]
+    digest.update(json.dumps([runs, what], sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -431,14 +413,21 @@ def _stamp_plots(plots_dir: Path, out_dir: Path, digest: str, plots: list[Path],
     write_text_atomically(plots_dir / PLOTS_STAMP, json.dumps({"by_out": stamps}, indent=1))
 
 
-def draw_plots(runs: list[dict], summary: pd.DataFrame, out_dir, plots_dir) -> list[Path]:
+def draw_plots(runs: list[dict], summary: pd.DataFrame, out_dir, plots_dir, comparison=None) -> list[Path]:
     """Every plot of every dataset of ``runs`` into ``plots_dir``; returns their paths.
+
+    Per (dataset, backbone, mode, protocol): the loss and accuracy curves, the fraction study (with several
+    fractions), and with ``comparison`` (``stats.compare_runs``) the figures of ``comparison_plots``: the
+    differences against the baseline and the confusion matrices; then a critical-difference diagram per
+    (backbone, mode, protocol) scored on two datasets or more.
 
     Drawing is most of the report's time: when nothing they are drawn from changed since
     ``out_dir``'s last drawing and its files are all there, they are reused as they are.
     """
+    from . import comparison_plots  # it builds on this module's selections, names and colours
+
     out_dir, plots_dir = Path(out_dir), Path(plots_dir)
-    digest = _plots_digest(runs)
+    digest = _plots_digest(runs, comparison)
     stamps = _read_stamps(plots_dir)
     stamped = stamps.get(str(out_dir.resolve()), {"digest": None, "plots": []})
     if stamped["digest"] == digest and all((plots_dir / name).is_file() for name in stamped["plots"]):
@@ -447,13 +436,17 @@ def draw_plots(runs: list[dict], summary: pd.DataFrame, out_dir, plots_dir) -> l
     for dataset in dict.fromkeys(summary["dataset"]):
         ds_runs = [r for r in runs if r["dataset"] == dataset]
         ds_summary = summary[summary["dataset"] == dataset]
-        for backbone, mode in dict.fromkeys(zip(ds_summary["backbone"], ds_summary["mode"])):
-            kw = dict(backbone=backbone, mode=mode)
+        for backbone, mode, protocol in dict.fromkeys(zip(ds_summary["backbone"], ds_summary["mode"],
+                                                          ds_summary["protocol"])):
+            kw = dict(backbone=backbone, mode=mode, protocol=protocol)
             plots.append(plot_loss_curves(ds_runs, dataset, plots_dir, **kw))
             plots.append(plot_accuracy_curves(ds_runs, dataset, plots_dir, **kw))
-            plots.append(plot_final_accuracy(summary, dataset, plots_dir, runs=ds_runs, **kw))
+            if comparison is not None:
+                plots += comparison_plots.dataset_plots(ds_runs, comparison, dataset, plots_dir, **kw)
             fraction_plot = plot_fraction_study(summary, dataset, plots_dir, **kw)
             if fraction_plot is not None:
                 plots.append(fraction_plot)
+    if comparison is not None:
+        plots += comparison_plots.plot_critical_differences(comparison, plots_dir)
     _stamp_plots(plots_dir, out_dir, digest, plots, stamps)
     return plots

@@ -2,14 +2,15 @@
 
 Each finished training run leaves one JSON record somewhere under ``{out}/runs/``
 (``evaluation.records`` describes them). The report merges whatever records are
-there into ``summary.csv``, per-dataset ``accuracy.csv``/``accuracy.md``, a
-combined table when there are several datasets (``tables``), PNG plots (``plots``),
-and ``timing.md``; with a ``grid.json`` it also lists the requested runs that have
-not finished.
+there into ``summary.csv``, per-dataset ``accuracy.csv``/``accuracy.md``/``accuracy.tex``, a
+combined table when there are several datasets (``tables``), the paired comparisons of the
+losses against a baseline (``scores.csv``, ``comparison.csv``, ``ranks.csv``, ``folds.csv``;
+``stats.compare_runs``), PNG plots (``plots``, ``comparison_plots``), and ``timing.md``; with a
+``grid.json`` it also lists the requested runs that have not finished.
 
 Run it on a results folder at any time, e.g. while shards are still training:
 
-    python -m evaluation.report --out results [--plots results/plots]
+    python -m evaluation.report --out results [--plots results/plots] [--baseline cross_entropy]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from .plots import draw_plots
 from .records import RUN_KEY_FIELDS, load_runs, run_key
-from .stats import summarise
+from .stats import compare_runs, summarise
 from .tables import format_combined, format_table, format_timing, write_tables
 
 # --------------------------------------------------------------------------
@@ -74,14 +75,17 @@ def _describe_entry(e: dict) -> str:
             f"train_fraction {float(e['train_fraction']):g}")
 
 
-def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list[dict] | None = None) -> dict:
-    """Summary, tables and plots for every dataset with finished runs under ``out_dir/runs``.
+def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list[dict] | None = None,
+                 baseline: str = "cross_entropy", alpha: float = 0.05) -> dict:
+    """Summary, comparisons, tables and plots for every dataset with finished runs under ``out_dir/runs``.
 
+    ``baseline`` is the loss every other is compared with (paired tests at ``alpha``, Holm).
     ``grid`` (or ``out_dir/grid.json`` when not given) lists requested runs; those
     without a record are returned as ``missing``. ``timing`` (or ``out_dir/timing.json``)
     gets a ``report`` section with this function's own seconds and is written to
     ``timing.json`` and ``timing.md``. Returns ``{"tables", "plots", "missing",
-    "summary", "timing"}``. Raises ``FileNotFoundError`` when there are no runs.
+    "summary", "comparison", "timing"}`` (``comparison``: ``stats.Comparison``, for
+    ``tables.format_table``). Raises ``FileNotFoundError`` when there are no runs.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -102,8 +106,9 @@ def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list
     missing = missing_runs(runs, grid, grid_where) if grid is not None else []
 
     summary = summarise(runs)
-    tables = write_tables(summary, out_dir)
-    plots = draw_plots(runs, summary, out_dir, plots_dir)
+    comparison = compare_runs(runs, baseline, alpha)
+    tables = write_tables(summary, out_dir, comparison)
+    plots = draw_plots(runs, summary, out_dir, plots_dir, comparison)
 
     if timing is not None:
         sections = dict(timing["sections"])
@@ -115,7 +120,8 @@ def write_report(out_dir, plots_dir=None, timing: dict | None = None, grid: list
         timing_json.write_text(json.dumps(timing, indent=2) + "\n", encoding="utf-8")
         timing_md.write_text(format_timing(timing), encoding="utf-8")
         tables += [timing_md, timing_json]
-    return {"tables": tables, "plots": plots, "missing": missing, "summary": summary, "timing": timing}
+    return {"tables": tables, "plots": plots, "missing": missing, "summary": summary, "comparison": comparison,
+            "timing": timing}
 
 
 def main(argv=None) -> int:
@@ -126,13 +132,15 @@ def main(argv=None) -> int:
                     "that have not finished.")
     parser.add_argument("--out", default="out", help="results folder holding runs/ (default: out, as evaluation.run)")
     parser.add_argument("--plots", default=None, help="where to put the PNGs (default: OUT/plots)")
+    parser.add_argument("--baseline", default="cross_entropy",
+                        help="the loss every other is compared with (paired tests; default: cross_entropy)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not out.is_dir():
         print(f"error: --out {out} is not a folder; pass the results folder that holds runs/", file=sys.stderr)
         return 1
     try:
-        result = write_report(out, plots_dir=args.plots)
+        result = write_report(out, plots_dir=args.plots, baseline=args.baseline)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
     summary = result["summary"]
     datasets = list(dict.fromkeys(summary["dataset"]))
     for ds in datasets:
-        print(format_table(summary, ds))
+        print(format_table(summary, ds, result["comparison"]))
     if len(datasets) > 1:
         print(format_combined(summary)[0])
     if result["timing"] is not None:

@@ -1,7 +1,9 @@
-"""Markdown and CSV tables of the summary (``stats.summarise``) and of the harness's timing.
+"""Markdown, CSV and LaTeX tables of the summary (``stats.summarise``), of the comparisons of the losses
+(``stats.compare_runs``: the verdicts in words, scores.csv, comparison.csv, ranks.csv, folds.csv,
+accuracy.tex) and of the harness's timing.
 
-Accuracies stay fractions in [0, 1] in the CSV files and become percentages in the
-markdown tables.
+Accuracies stay fractions in [0, 1] in the CSV files and become percentages (differences:
+points) in the markdown and LaTeX tables.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .files import safe_name
+from .files import safe_name, write_text_atomically
+from .stats import in_group, resolution
 
 
 def _pct(mean, std=math.nan, digits=1) -> str:
@@ -46,29 +49,133 @@ def _md_table(header: list[str], rows: list[list[str]], align: list[str]) -> lis
     return lines
 
 
-def _combos(df: pd.DataFrame) -> list[tuple[str, str]]:
-    return list(dict.fromkeys(zip(df["backbone"], df["mode"])))
+def _combos(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    return list(dict.fromkeys(zip(df["backbone"], df["mode"], df["protocol"])))
 
 
-def format_table(summary: pd.DataFrame, dataset: str) -> str:
-    """The markdown accuracy table for one dataset: one section per (backbone, mode),
-    one row per loss (and per train fraction when there are several)."""
+# ---------------------------------------------------------------- the comparison in words
+MARK = "●"
+TEST_NAME = {"cv": "corrected resampled t", "split": "paired t over seeds"}
+
+
+def _points(x, sign=False) -> str:
+    """A difference of fractions in points, with a true minus sign."""
+    if x is None or not np.isfinite(x):
+        return "—"
+    return f"{100 * x:{'+' if sign else ''}.1f}".replace("-", "−")
+
+
+def _interval(low, high, sign=False) -> str:
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "—"
+    return f"[{_points(low, sign)}, {_points(high, sign)}]"
+
+
+def _p(p) -> str:
+    if p is None or not np.isfinite(p):
+        return "—"
+    return "< 0.001" if p < 0.001 else f"{p:.2g}"
+
+
+def _p_is(p) -> str:
+    """" = 0.013" or " < 0.001", to follow the p's name."""
+    return (" " if p < 0.001 else " = ") + _p(p)
+
+
+def _vs_baseline(comparison, key) -> pd.DataFrame:
+    """The "vs baseline" rows of one (dataset, backbone, mode, protocol), indexed by loss."""
+    pairs = in_group(comparison.pairs, key)
+    return pairs[pairs["family"] == "vs baseline"].set_index("loss")
+
+
+def _best(comparison, key):
+    """``significance.Best`` of a group, or None when no pair of its losses could be tested (one run each):
+    every loss would be "indistinguishable", which says nothing."""
+    if comparison is None or pd.to_numeric(in_group(comparison.pairs, key)["p_holm"]).isna().all():
+        return None
+    return comparison.best.get(key)
+
+
+def _accuracy_interval(row) -> tuple[float, float]:
+    """The 95 % interval of a summary row's mean top-1, within [0, 1] (the t-interval itself can leave it)."""
+    low, high = row.top1_mean - row.top1_ci95, row.top1_mean + row.top1_ci95
+    return (max(0.0, low), min(1.0, high)) if np.isfinite(row.top1_ci95) else (math.nan, math.nan)
+
+
+def _vs_cell(loss: str, vs: pd.DataFrame, baseline: str) -> str:
+    if loss == baseline:
+        return "(baseline)"
+    if loss not in vs.index:
+        return "—"
+    r = vs.loc[loss]
+    if not np.isfinite(r.p_holm):
+        return f"{_points(r.mean_diff, sign=True)} (n = {int(r.n)}: no test)"
+    return f"{_points(r.mean_diff, sign=True)} {_interval(r.ci_low, r.ci_high, sign=True)} p{_p_is(r.p_holm)}"
+
+
+def verdicts(comparison, key: tuple, n_test=None) -> list[str]:
+    """Plain-language verdicts of one (dataset, backbone, mode, protocol) against the baseline at the comparison's
+    alpha: a line per loss that beats it or is worse than it (Holm-adjusted p of the "vs baseline" family), a
+    "No loss beats" line when none beats it; then a warning when one scored image is worth more than a point."""
+    dataset, protocol, baseline, alpha = key[0], key[3], comparison.baseline, comparison.alpha
+    vs = _vs_baseline(comparison, key)
+    test = f"{TEST_NAME[protocol]}, Holm"
+    lines = []
+    if baseline not in set(in_group(comparison.scores, key)["loss"]):
+        lines.append(f"No verdict on {dataset}: the baseline {baseline} has no finished run here to compare with.")
+    elif vs.empty:
+        lines.append(f"No verdict on {dataset}: only the baseline {baseline} has finished runs here.")
+    elif not np.isfinite(vs["p_holm"]).any():
+        lines.append(f"No verdict on {dataset}: fewer than two paired runs per loss, so no test "
+                     f"({'train more seeds, or ' if protocol == 'split' else ''}use --protocol cv).")
+    else:
+        significant = vs[vs["p_holm"] < alpha]
+        for loss, r in significant.iterrows():
+            verb = "beats" if r.mean_diff > 0 else "is worse than"
+            lines.append(f"{loss} {verb} {baseline} on {dataset} by {_points(r.mean_diff, sign=True)} points "
+                         f"{_interval(r.ci_low, r.ci_high, sign=True)} (n = {int(r.n)}, p{_p_is(r.p_value)}, "
+                         f"p_holm{_p_is(r.p_holm)}; {test}).")
+        if not (significant["mean_diff"] > 0).any():
+            lines.append(f"No loss beats {baseline} on {dataset} at α = {alpha:g} ({test}).")
+        if protocol == "split":
+            lines.append("Seeds on one split measure training noise only, not the sampling of the valid images: "
+                         "--protocol cv is the protocol for verdicts.")
+    if n_test is not None and np.isfinite(n_test) and 0 < n_test < 100:
+        what = "scored image per fold" if protocol == "cv" else "valid image"
+        lines.append(f"⚠ one {what} = {resolution(n_test)}: differences of one image are noise.")
+    return ["- " + line for line in lines]
+
+
+def format_table(summary: pd.DataFrame, dataset: str, comparison=None) -> str:
+    """The markdown accuracy table for one dataset: one section per (backbone, mode, protocol), one row per loss
+    (and per train fraction when there are several).
+
+    With ``comparison`` (``stats.compare_runs``) the rows of the compared fraction (the largest) get the paired
+    difference against the baseline ("vs <baseline>", Holm-adjusted p) and the mark of the losses
+    indistinguishable from the best, and each section ends with its verdicts (``verdicts``). The best epoch's
+    top-1 and the epoch itself are shown under split only, marked as chosen on the scored images (optimistic):
+    under cv the epoch is chosen on the inner split, and a best epoch picked on the scored fold would undo that.
+    """
     sub = summary[summary["dataset"] == dataset]
     if sub.empty:
         known = ", ".join(map(str, dict.fromkeys(summary["dataset"]))) or "none"
         raise ValueError(f"format_table: no runs for dataset {dataset!r} (datasets in the summary: {known})")
     several_fractions = sub["train_fraction"].nunique() > 1
     lines = [f"# {dataset}: validation accuracy per loss", "",
-             "Mean ± sample std over seeds; accuracies and macro-F1 in %. "
-             "'final' is the model at the end of training, 'best' the best epoch's valid top-1.", ""]
-    for backbone, mode in _combos(sub):
-        part = sub[(sub["backbone"] == backbone) & (sub["mode"] == mode)]
+             "Accuracies and macro-F1 in %: mean ± sample std over the units (seeds under split, repeat × fold "
+             "under cv); '95 % CI' is the interval of the mean (t over seeds; Nadeau–Bengio corrected under cv). "
+             "'final' is the model at the end of training.", ""]
+    for backbone, mode, protocol in _combos(sub):
+        part = sub[(sub["backbone"] == backbone) & (sub["mode"] == mode) & (sub["protocol"] == protocol)]
+        key, cv = (dataset, backbone, mode, protocol), protocol == "cv"
+        compared = part["train_fraction"].max()
+        n_test = part.loc[part["train_fraction"] == compared, "num_valid"].dropna().min()
         hashes = ", ".join(h for h in dict.fromkeys(part["weights_hash"]) if h)
-        valid = part["num_valid"].dropna()
-        heading = f"## {dataset} — backbone {backbone}, mode {mode}"
+        heading = f"## {dataset} — backbone {backbone}, mode {mode}" + (", protocol cv (repeated K-fold)" if cv else "")
         details = []
-        if len(valid):
-            details.append(f"valid images: {int(valid.iloc[0])}")
+        if np.isfinite(n_test):
+            details.append(f"{'scored images per fold: ≥ ' if cv else 'valid images: '}{int(n_test)} "
+                           f"(one = {resolution(n_test)})")
         if hashes:
             details.append(f"weights {hashes}")
         skipped = int(part["skipped_files"].fillna(0).max()) if "skipped_files" in part else 0
@@ -80,39 +187,62 @@ def format_table(summary: pd.DataFrame, dataset: str) -> str:
         if details:
             details[0] = details[0][0].upper() + details[0][1:]
         lines += [heading, ""] + ([", ".join(details) + ".", ""] if details else [])
-        header = ["loss"] + (["train fraction"] if several_fractions else []) + [
-            "seeds", "final top-1", "best top-1", "best epoch", "top-3", "macro-F1", "train s"]
-        align = ["l"] + (["r"] if several_fractions else []) + ["r"] * 7
+        vs = _vs_baseline(comparison, key) if comparison is not None else None
+        best = _best(comparison, key)
+        header = (["loss"] + (["train fraction"] if several_fractions else [])
+                  + ["runs" if cv else "seeds", "final top-1", "95 % CI"]
+                  + ([f"vs {comparison.baseline}"] if vs is not None else []) + ["top-3", "macro-F1"]
+                  + ([] if cv else ["best top-1 †", "best epoch †"]) + ["train s"])
         rows = []
         for row in part.itertuples(index=False):
-            rows.append([str(row.loss)] + ([f"{row.train_fraction:g}"] if several_fractions else []) + [
-                _seeds_cell(row), _pct(row.top1_mean, row.top1_std),
-                _pct(row.best_top1_mean, row.best_top1_std), _epoch(row.best_epoch_mean),
-                _pct(row.top3_mean, row.top3_std), _pct(row.f1_mean, row.f1_std),
-                _num(row.train_seconds_mean)])
-        lines += _md_table(header, rows, align) + [""]
+            at_compared = row.train_fraction == compared
+            marked = best is not None and at_compared and row.loss in best.indistinguishable
+            ci = _interval(*_accuracy_interval(row))
+            rows.append([str(row.loss) + (f" {MARK}" if marked else "")]
+                        + ([f"{row.train_fraction:g}"] if several_fractions else [])
+                        + [_seeds_cell(row), _pct(row.top1_mean, row.top1_std), ci]
+                        + ([_vs_cell(row.loss, vs, comparison.baseline) if at_compared else "—"]
+                           if vs is not None else [])
+                        + [_pct(row.top3_mean, row.top3_std), _pct(row.f1_mean, row.f1_std)]
+                        + ([] if cv else [_pct(row.best_top1_mean, row.best_top1_std), _epoch(row.best_epoch_mean)])
+                        + [_num(row.train_seconds_mean)])
+        lines += _md_table(header, rows, ["l"] + ["r"] * (len(header) - 1)) + [""]
+        legend = [] if cv else ["† the best epoch, chosen on the scored images themselves: optimistic, for scale."]
+        if comparison is not None:
+            legend.insert(0, f"vs {comparison.baseline}: mean paired difference in points [95 % interval] and its "
+                             f"Holm-adjusted p ({TEST_NAME[protocol]}, over the losses compared with "
+                             f"{comparison.baseline}).")
+            if best is not None:
+                legend.insert(0, f"{MARK} not significantly worse than the best loss, {best.best} "
+                                 f"(all pairs, Holm, α = {comparison.alpha:g}).")
+            lines += [" ".join(legend), ""] + verdicts(comparison, key, n_test) + [""]
+        elif legend:
+            lines += legend + [""]
     return "\n".join(lines)
 
 
 def format_combined(summary: pd.DataFrame) -> tuple[str, pd.DataFrame]:
-    """Rows losses, columns datasets, final valid top-1; one section per (backbone, mode, fraction)."""
+    """Rows losses, columns datasets, final valid top-1; one section per (backbone, mode, protocol, fraction)."""
     datasets = list(dict.fromkeys(summary["dataset"]))
     lines = ["# Final valid top-1 (%) per loss and dataset", "",
-             "Mean ± sample std over seeds.", ""]
+             "Mean ± sample std over the units (seeds under split, repeat × fold under cv).", ""]
     csv_rows = []
-    sections = list(dict.fromkeys(zip(summary["backbone"], summary["mode"], summary["train_fraction"])))
-    sections.sort(key=lambda s: -s[2])
+    sections = list(dict.fromkeys(zip(summary["backbone"], summary["mode"], summary["protocol"],
+                                      summary["train_fraction"])))
+    sections.sort(key=lambda s: -s[3])
     losses = list(dict.fromkeys(summary["loss"]))
-    for backbone, mode, frac in sections:
+    for backbone, mode, protocol, frac in sections:
         part = summary[(summary["backbone"] == backbone) & (summary["mode"] == mode)
-                       & (summary["train_fraction"] == frac)]
-        lines += [f"## backbone {backbone}, mode {mode}, train fraction {frac:g}", ""]
+                       & (summary["protocol"] == protocol) & (summary["train_fraction"] == frac)]
+        lines += [f"## backbone {backbone}, mode {mode}, train fraction {frac:g}"
+                  + (", protocol cv" if protocol == "cv" else ""), ""]
         rows = []
         for loss in losses:
             cells = part[part["loss"] == loss]
             if cells.empty:
                 continue
-            row_md, row_csv = [str(loss)], {"backbone": backbone, "mode": mode, "train_fraction": frac, "loss": loss}
+            row_md, row_csv = [str(loss)], {"backbone": backbone, "mode": mode, "protocol": protocol,
+                                            "train_fraction": frac, "loss": loss}
             for ds in datasets:
                 cell = cells[cells["dataset"] == ds]
                 if cell.empty:
@@ -132,9 +262,10 @@ def format_combined(summary: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     return "\n".join(lines), pd.DataFrame(csv_rows)
 
 
-def write_tables(summary: pd.DataFrame, out_dir) -> list[Path]:
+def write_tables(summary: pd.DataFrame, out_dir, comparison=None) -> list[Path]:
     """Write ``summary.csv``, ``<dataset>/accuracy.csv|md`` and, with several datasets,
-    ``accuracy_all.csv|md`` under ``out_dir``; return the paths written."""
+    ``accuracy_all.csv|md`` under ``out_dir``, and with ``comparison`` (``stats.compare_runs``) what
+    ``write_comparison`` writes; return the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -147,7 +278,7 @@ def write_tables(summary: pd.DataFrame, out_dir) -> list[Path]:
         ds_dir.mkdir(parents=True, exist_ok=True)
         csv_path, md_path = ds_dir / "accuracy.csv", ds_dir / "accuracy.md"
         summary[summary["dataset"] == ds].to_csv(csv_path, index=False, float_format="%.6g")
-        md_path.write_text(format_table(summary, ds), encoding="utf-8")
+        md_path.write_text(format_table(summary, ds, comparison), encoding="utf-8")
         written += [csv_path, md_path]
     if len(datasets) > 1:
         md, table = format_combined(summary)
@@ -155,7 +286,101 @@ def write_tables(summary: pd.DataFrame, out_dir) -> list[Path]:
         md_path.write_text(md, encoding="utf-8")
         table.to_csv(csv_path, index=False, float_format="%.6g")
         written += [md_path, csv_path]
+    if comparison is not None:
+        written += write_comparison(summary, comparison, out_dir)
     return written
+
+
+FOLDS_HEADER = "dataset,path,sha256,repeat,fold"
+
+
+def _concatenated_folds(folder: Path) -> str | None:
+    """OUT/folds/*.csv (written by the run command under cv) as one CSV, or None when there is none."""
+    parts = sorted(folder.glob("*.csv")) if folder.is_dir() else []
+    if not parts:
+        return None
+    lines = [FOLDS_HEADER]
+    for path in parts:
+        head, _, body = path.read_text(encoding="utf-8").partition("\n")
+        if head.strip() != FOLDS_HEADER:
+            raise ValueError(f"{path} does not start with the header {FOLDS_HEADER!r}; it is not a folds file")
+        lines += [line for line in body.splitlines() if line]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(summary: pd.DataFrame, comparison, out_dir) -> list[Path]:
+    """The comparison's files under ``out_dir``: ``scores.csv`` (``comparison.scores``: one row per finished run
+    compared, the input of ``significance.compare``), ``comparison.csv`` (its paired comparisons),
+    ``ranks.csv`` (the header alone when no (backbone, mode, protocol) has two datasets), ``folds.csv`` (the
+    concatenated ``OUT/folds/*.csv``, when there are any) and ``<dataset>/accuracy.tex``."""
+    out_dir = Path(out_dir)
+    files = {"scores.csv": comparison.scores.to_csv(index=False),
+             "comparison.csv": comparison.pairs.to_csv(index=False, float_format="%.6g"),
+             "ranks.csv": comparison.ranks.to_csv(index=False, float_format="%.6g")}
+    folds = _concatenated_folds(out_dir / "folds")
+    if folds is not None:
+        files["folds.csv"] = folds
+    for ds in dict.fromkeys(summary["dataset"]):
+        files[f"{safe_name(ds)}/accuracy.tex"] = format_latex(summary, ds, comparison)
+    for name, text in files.items():
+        write_text_atomically(out_dir / name, text)
+    return [out_dir / name for name in files]
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex(text) -> str:
+    return "".join(_TEX.get(c, c) for c in str(text))
+
+
+def _tex_points(x, sign=False) -> str:
+    return "---" if x is None or not np.isfinite(x) else f"${100 * x:{'+' if sign else ''}.1f}$"
+
+
+def format_latex(summary: pd.DataFrame, dataset: str, comparison) -> str:
+    """A booktabs table of one dataset for a write-up to \\input: per (backbone, mode, protocol) a row per loss
+    at the compared (largest) train fraction with its mean top-1 and 95 % interval, the paired difference
+    against the baseline with its interval and Holm p, and $^\\bullet$ on the losses not significantly
+    worse than the best."""
+    sub = summary[summary["dataset"] == dataset]
+    baseline = _tex(comparison.baseline)
+    lines = [f"% {_tex(dataset)}: final top-1 per loss, written by python -m evaluation.report; needs "
+             r"\usepackage{booktabs}", r"\begin{tabular}{lrrr}", r"\toprule",
+             rf"Loss & Top-1 (\%) [95\,\% CI] & $\Delta$ vs {baseline} (points) [95\,\% CI] & $p_\mathrm{{Holm}}$ \\"]
+    tests = []
+    for backbone, mode, protocol in _combos(sub):
+        key = (dataset, backbone, mode, protocol)
+        part = sub[(sub["backbone"] == backbone) & (sub["mode"] == mode) & (sub["protocol"] == protocol)]
+        part = part[part["train_fraction"] == part["train_fraction"].max()]
+        vs, best = _vs_baseline(comparison, key), _best(comparison, key)
+        tests.append(TEST_NAME[protocol])
+        fraction = part["train_fraction"].iloc[0]
+        label = f"{backbone}, {mode}, {'repeated K-fold CV' if protocol == 'cv' else 'seeds on one split'}"
+        label += f", {100 * fraction:g}% of train" if fraction != 1.0 else ""
+        lines += [r"\midrule", rf"\multicolumn{{4}}{{l}}{{\emph{{{_tex(label)}}}}} \\"]
+        for row in part.itertuples(index=False):
+            name = _tex(row.loss) + (r"$^\bullet$" if best is not None and row.loss in best.indistinguishable else "")
+            mean = _tex_points(row.top1_mean)
+            if best is not None and row.loss == best.best:
+                mean = rf"$\mathbf{{{mean.strip('$')}}}$"
+            low, high = _accuracy_interval(row)
+            ci = f"[{_tex_points(low)}, {_tex_points(high)}]" if np.isfinite(row.top1_ci95) else ""
+            if row.loss in vs.index:
+                r = vs.loc[row.loss]
+                diff = _tex_points(r.mean_diff, sign=True) + (
+                    f" [{_tex_points(r.ci_low, sign=True)}, {_tex_points(r.ci_high, sign=True)}]"
+                    if np.isfinite(r.ci_low) else "")
+                p = _p(r.p_holm).replace("< ", "$<$\\,").replace("—", "---")
+            else:
+                diff, p = ("baseline" if row.loss == comparison.baseline else "---"), "---"
+            lines.append(f"{name} & {mean} {ci} & {diff} & {p} \\\\")
+    lines += [r"\bottomrule",
+              rf"\multicolumn{{4}}{{l}}{{\footnotesize Bold: best mean; $^\bullet$: not significantly worse than "
+              rf"the best (Holm, $\alpha = {comparison.alpha:g}$); tests: {_tex(', '.join(dict.fromkeys(tests)))}.}} \\",
+              r"\end{tabular}", ""]
+    return "\n".join(lines)
 
 
 def format_timing(timing: dict) -> str:

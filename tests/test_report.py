@@ -30,7 +30,18 @@ def final_top1(dataset, loss, seed, fraction):
     return round(BASE_TOP1[loss] + shift - 0.15 * (1 - fraction) + 0.013 * seed * (1 + LOSSES.index(loss)), 6)
 
 
-def make_run(dataset, loss, seed, fraction=1.0, mode="frozen", status="ok", failed_epoch=None):
+def confusion_for(top1, num_valid, k=4):
+    """A k-class confusion matrix (rows true, columns predicted) of num_valid images, round(top1 * num_valid) right."""
+    m = [[0] * k for _ in range(k)]
+    for i in range(num_valid):
+        m[i % k][i % k] += 1
+    for i in range(num_valid - round(top1 * num_valid)):  # each mistake: one image of a class taken for the next
+        m[i % k][i % k] -= 1
+        m[i % k][(i + 1) % k] += 1
+    return m
+
+
+def make_run(dataset, loss, seed, fraction=1.0, mode="frozen", status="ok", failed_epoch=None, confusion=False):
     # Early stopping: seeds stop after different numbers of epochs.
     epochs = 8 + 2 * seed if status == "ok" else failed_epoch - 1
     top1 = final_top1(dataset, loss, seed, fraction)
@@ -64,8 +75,23 @@ def make_run(dataset, loss, seed, fraction=1.0, mode="frozen", status="ok", fail
         "train_seconds": 3.0 + seed, "config": {"lr": 0.01, "epochs": 30, "batch_size": 64},
         "command": "python -m evaluation.run ...",
     }
+    if confusion and status == "ok":  # records older than issue 15 have none
+        rec["final"]["confusion"] = confusion_for(top1, num_valid, len(classes))
     return rec
 
+
+def make_cv_run(dataset, loss, repeat, fold, correct, num_valid=60, num_train=192, num_inner=48, mode="frozen",
+                status="ok"):
+    """A run of --protocol cv: repeat `repeat`, fold `fold`, `correct` of its `num_valid` scored images right."""
+    rec = make_run("fruits", "hinge", repeat, mode=mode, status=status, failed_epoch=None if status == "ok" else 3)
+    top1 = correct / num_valid
+    rec.update(dataset=dataset, loss=loss, protocol="cv", fold=fold, num_train=num_train, num_inner=num_inner,
+               num_valid=num_valid)
+    if status == "ok":
+        rec["final"] = {"valid_top1": top1, "valid_top3": 1.0, "valid_macro_f1": top1 - 0.02, "valid_loss": 0.4,
+                        "confusion": confusion_for(top1, num_valid)}
+        rec["best_valid_top1"] = top1
+    return rec
 
 def all_runs():
     runs = []
@@ -84,7 +110,8 @@ def write_runs(out_dir, runs):
     for i, rec in enumerate(runs):
         d = out_dir / "runs" / f"shard{i % 3}" / rec["dataset"]
         d.mkdir(parents=True, exist_ok=True)
-        name = f"{rec['loss']}_s{rec['seed']}_f{rec['train_fraction']}_{rec['mode']}.json"
+        fold = f"_cv{rec['fold']}" if rec.get("fold") is not None else ""
+        name = f"{rec['loss']}_s{rec['seed']}_f{rec['train_fraction']}_{rec['mode']}{fold}.json"
         (d / name).write_text(json.dumps(rec))
 
 
@@ -125,7 +152,8 @@ def test_t_quantile_matches_tables():
 
 def test_summary_numbers_match_hand_computation():
     summary = stats.summarise(all_runs())
-    assert list(summary.columns[:5]) == ["dataset", "backbone", "mode", "loss", "train_fraction"]
+    assert list(summary.columns[:6]) == ["dataset", "backbone", "mode", "protocol", "loss", "train_fraction"]
+    assert set(summary.protocol) == {"split"}  # records without a protocol are split runs
     # 2 datasets x 2 fractions x 4 losses
     assert len(summary) == 16
 
@@ -242,8 +270,8 @@ def test_tables(full_report):
     fruits_md = (out / "fruits" / "accuracy.md").read_text()
     top1 = [final_top1("fruits", "cross_entropy", s, 1.0) for s in range(3)]
     expected = f"{100 * statistics.mean(top1):.1f} ± {100 * statistics.stdev(top1):.1f}"
-    assert f"| cross_entropy | 1 | 3 | {expected} |" in fruits_md
-    assert "| arcface | 1 | 2 (+1 failed) |" in fruits_md
+    assert f"| cross_entropy {tables.MARK} | 1 | 3 | {expected} | [" in fruits_md  # then its 95 % interval
+    assert f"| arcface {tables.MARK} | 1 | 2 (+1 failed) |" in fruits_md
 
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 16
@@ -279,7 +307,7 @@ def test_several_modes_get_own_sections_and_plot_files(tmp_path):
     assert "mode frozen" in md and "mode finetune" in md
     names = {p.name for p in result["plots"]}
     assert "fruits_efficientnet_lite0_frozen_loss_curves.png" in names
-    assert "fruits_efficientnet_lite0_finetune_final_accuracy.png" in names
+    assert "fruits_efficientnet_lite0_finetune_differences.png" in names
     from evaluation import results
 
     # RESULTS.md links the plots by the names the report gave them.
@@ -316,9 +344,11 @@ def test_plots_written(full_report):
     out, result = full_report
     names = {Path(p).name for p in result["plots"]}
     for ds in ("fruits", "weather"):
-        for kind in ("loss_curves", "accuracy_curves", "final_accuracy", "fraction_study"):
+        for kind in ("loss_curves", "accuracy_curves", "differences", "fraction_study"):
             assert f"{ds}_{kind}.png" in names
-    assert len(result["plots"]) == 8
+    # and one critical-difference diagram over both datasets; no confusion matrices: the records predate them
+    assert "all_datasets_efficientnet_lite0_frozen_critical_difference.png" in names
+    assert len(result["plots"]) == 9
     from evaluation import results
 
     assert results._plot(out / "plots", "weather", "frozen", "fraction_study") in names
@@ -326,10 +356,12 @@ def test_plots_written(full_report):
 
 
 def test_fraction_study_needs_two_fractions(tmp_path):
-    summary = stats.summarise([make_run("fruits", "hinge", s) for s in range(2)])
-    assert plots.plot_fraction_study(summary, "fruits", tmp_path) is None
-    path = plots.plot_final_accuracy(summary, "fruits", tmp_path)
-    assert is_png(path) and path.name == "fruits_final_accuracy.png"
+    from evaluation import comparison_plots
+
+    runs = [make_run("fruits", loss, s) for loss in ("hinge", "cross_entropy") for s in range(2)]
+    assert plots.plot_fraction_study(stats.summarise(runs), "fruits", tmp_path) is None
+    path = comparison_plots.plot_differences(runs, stats.compare_runs(runs), "fruits", tmp_path)
+    assert is_png(path) and path.name == "fruits_differences.png"
 
 
 def test_curves_handle_run_failing_in_first_epoch(tmp_path):
@@ -338,7 +370,10 @@ def test_curves_handle_run_failing_in_first_epoch(tmp_path):
     assert runs[0]["history"] == []
     assert is_png(plots.plot_loss_curves(runs, "fruits", tmp_path))
     assert is_png(plots.plot_accuracy_curves(runs, "fruits", tmp_path))
-    assert is_png(plots.plot_final_accuracy(stats.summarise(runs), "fruits", tmp_path))
+    from evaluation import comparison_plots
+
+    # every arcface run failed: no difference to draw against cross_entropy
+    assert comparison_plots.plot_differences(runs, stats.compare_runs(runs), "fruits", tmp_path) is None
 
 
 def test_missing_runs_from_grid(full_report):
@@ -398,7 +433,8 @@ def test_cli_as_module(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "# fruits: validation accuracy per loss" in proc.stdout
-    assert "| cross_entropy | 2 |" in proc.stdout
+    assert f"| cross_entropy {tables.MARK} | 2 |" in proc.stdout
+    assert "- hinge is worse than cross_entropy on fruits by" in proc.stdout
     assert "1 run(s) of" in proc.stdout and "fruits efficientnet_lite0 frozen hinge seed 7" in proc.stdout
     assert is_png(plots_dir / "fruits_loss_curves.png")
     assert (tmp_path / "summary.csv").is_file() and str(tmp_path / "summary.csv") in proc.stdout
@@ -497,23 +533,29 @@ def test_a_plots_folder_shared_by_two_results_folders_keeps_both_drawings(tmp_pa
     assert {p.name for p in plots_dir.glob("*.png")} == again_a | drawn_b
 
 
-def test_final_accuracy_plot_is_zoomed_to_the_values_and_shows_each_seed(tmp_path, monkeypatch):
+def test_differences_plot_shows_each_seed_and_the_resolution(tmp_path, monkeypatch):
+    """The plot of paired differences replaces the final-accuracy plot: every seed's difference is a dot."""
+    from evaluation import comparison_plots
+
     drawn = []
     monkeypatch.setattr(plots.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
-    runs = [make_run("fruits", loss, s) for loss in ("hinge", "cross_entropy") for s in range(3)]
-    plots.plot_final_accuracy(stats.summarise(runs), "fruits", tmp_path, runs=runs)
-    [ax] = drawn[0].axes
-    low, high = ax.get_ylim()
-    values = [100 * r["final"]["valid_top1"] for r in runs]
-    assert min(values) - 10 < low < min(values) and max(values) < high <= 100.5  # not 0-118: 80 and 83 look apart
-    dots = sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
-    assert dots >= len(runs)  # every seed drawn, so one seed is visible as one point
-    assert "one valid image = 1.7 points" in ax.get_title()
+    runs = [make_run("fruits", loss, s) for loss in ("hinge", "cross_entropy", "arcface") for s in range(3)]
+    comparison_plots.plot_differences(runs, stats.compare_runs(runs), "fruits", tmp_path)
+    ax = drawn[0].axes[0]
+    low, high = ax.get_xlim()
+    diffs = [100 * (final_top1("fruits", loss, s, 1.0) - final_top1("fruits", "cross_entropy", s, 1.0))
+             for loss in ("hinge", "arcface") for s in range(3)]
+    assert low < min(diffs) and max(diffs) < high < 10  # zoomed to the differences, 0 included
+    from matplotlib.collections import PathCollection
+
+    dots = sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection))
+    assert dots == len(diffs)  # every seed drawn, so one seed is visible as one point
+    assert "one scored image = 1.7 points" in ax.get_title() and "training noise only" in ax.get_title()
 
 
 def test_whole_epochs_print_as_integers(tmp_path):
     md = tables.format_table(stats.summarise([make_run("fruits", "hinge", 0)]), "fruits")
-    assert "| hinge | 1 | 80.0 | 81.0 | 7 |" in md  # not "7.0"
+    assert "| hinge | 1 | 80.0 | — | 100.0 | 75.0 | 81.0 | 7 |" in md  # best epoch 7, not "7.0"
     two = tables.format_table(stats.summarise([make_run("fruits", "hinge", s) for s in (0, 1)]), "fruits")
     assert "| 8 |" in two  # best epochs 7 and 9: mean 8
     three = tables.format_table(stats.summarise([make_run("fruits", "hinge", s) for s in (0, 1, 2)]), "fruits").splitlines()
