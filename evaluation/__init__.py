@@ -7,7 +7,7 @@ import sys
 
 # The eval extra's packages, by import name: checked here, so that a missing one is reported
 # as what to install instead of as an ImportError from deep inside the harness.
-_EVAL_MODULES = ("PIL", "yaml", "tqdm", "torchvision", "pandas", "matplotlib", "scipy", "timm")
+_EVAL_MODULES = ("PIL", "yaml", "tqdm", "torchvision", "pandas", "matplotlib", "scipy", "sklearn", "optuna", "timm")
 _missing = [name for name in _EVAL_MODULES if importlib.util.find_spec(name) is None]
 if _missing:
     _message = (f"the lossbank harness (evaluation) needs the 'eval' extra, and {', '.join(_missing)} "

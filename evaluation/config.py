@@ -43,8 +43,25 @@ LOSS_LR = {"cosine": 1e-2, "l1": 3e-3, "l2": 3e-3}
 # AdamW's first step is 10x the learning rate; beyond this every run diverges at once (and near
 # 3e37 the step overflows float32), so a larger value is a typo.
 MAX_LR = 10.0
+# What --search tries, the same number of trials for every loss: the learning rate (log-uniform) and each
+# loss's own parameters, (low, high, "log" | "linear" | "int"), around the papers' defaults.
+SEARCH_LR = (1e-4, 3e-2)
+SEARCH_SPACE = {
+    "hinge": {"margin": (0.1, 2.0, "linear")},
+    "cross_entropy": {"label_smoothing": (0.0, 0.2, "linear")},
+    "weighted_cross_entropy": {"label_smoothing": (0.0, 0.2, "linear")},
+    "l_softmax": {"margin": (1, 4, "int")},
+    "am_softmax": {"scale": (8.0, 64.0, "log"), "margin": (0.1, 0.5, "linear")},
+    "arcface": {"scale": (8.0, 64.0, "log"), "margin": (0.1, 0.6, "linear")},
+    "cosine": {"xent_weight": (0.0, 0.5, "linear")},
+    "distillation": {"temperature": (1.0, 8.0, "log"), "alpha": (0.1, 0.9, "linear")},
+}
 DEVICES = ("auto", "cpu", "cuda")
 MODES = ("frozen", "finetune")
+PROTOCOLS = ("split", "cv")
+# Held-out share of each training set for choosing the epoch: none under "split" (the published
+# comparison's recipe: early stopping on its valid set), a fifth under "cv".
+INNER_VALID = {"split": 0.0, "cv": 0.2}
 
 
 class ConfigError(ValueError):
@@ -68,6 +85,18 @@ class RunConfig:
         "drop byte-identical train images and valid images leaked from train", "data"))
     train_fraction: list[float] = field(default_factory=lambda: [1.0], metadata=_option(
         "stratified subsample of train, e.g. 1.0,0.5,0.25,0.1", "data", metavar="F[,F...]"))
+    protocol: str = field(default="split", metadata=_option(
+        "split: train on the archive's train split, score on its valid split, one run per seed (the published "
+        "comparison); cv: pool the labelled images and deal repeated stratified K-fold splits, the same for "
+        "every loss (the protocol for verdicts)", "data", choices=PROTOCOLS))
+    folds: int = field(default=5, metadata=_option("cv: K of the K-fold splits", "data"))
+    repeats: int = field(default=2, metadata=_option(
+        "cv: how many times the K folds are dealt anew (repeat r also draws the augmented views with seed r)", "data"))
+    inner_valid: float | None = field(default=None, metadata=_option(
+        "share of each training set held out to choose the epoch (early stopping) and, with --search, the "
+        "learning rate and loss parameters; never the images a run is scored on. 0 = early stopping on the "
+        "scored images, as the published comparison (optimistic)", "data",
+        shown_default=", ".join(f"{v:g} {k}" for k, v in INNER_VALID.items())))
     # model
     backbone: str = field(default="resnet50", metadata=_option(f"one of {', '.join(bb.BACKBONES)}", "model"))
     weights: str = field(default="imagenet", metadata=_option(
@@ -84,6 +113,17 @@ class RunConfig:
         "which losses to train", "training", metavar="NAME[,NAME...]", shown_default="all registered"))
     teacher: str = field(default="cross_entropy", metadata=_option(
         "loss whose model of the same run teaches distillation", "training"))
+    loss_args: str = field(default="", metadata=_option(
+        "arguments of the losses, e.g. 'am_softmax:margin=0.2,scale=16;arcface:margin=0.3' (checked against "
+        "each loss's signature; part of a run's identity)", "training", metavar="LOSS:K=V[,K=V][;...]",
+        shown_default="each loss's own defaults"))
+    search: int = field(default=0, metadata=_option(
+        "trials of an equal-budget Optuna search (seeded TPE) per loss and run: learning rate and the loss's own "
+        "parameters, scored on the inner validation part; 0 = off", "training"))
+    search_storage: str | None = field(default=None, metadata=_option(
+        "Optuna storage URL shared by several machines", "training", shown_default="sqlite:///OUT/search.db"))
+    baseline: str = field(default="cross_entropy", metadata=_option(
+        "the loss every other is compared with (paired tests)", "training"))
     epochs: int | None = field(default=None, metadata=_option(
         "epochs of AdamW with a cosine schedule", "training",
         shown_default=", ".join(f"{n} {mode}" for mode, n in EPOCHS.items())))
@@ -185,6 +225,24 @@ class RunConfig:
             raise ConfigError(f"--train-fraction {' and '.join(map(str, same[0]))} are the same run (fractions are kept "
                               f"to 6 significant digits); give each fraction once")
         c.epochs = EPOCHS[c.mode] if c.epochs is None else c.epochs
+        c.inner_valid = INNER_VALID[c.protocol] if c.inner_valid is None else c.inner_valid
+        if not (0 <= c.inner_valid < 1):
+            raise ConfigError(f"--inner-valid must be in [0, 1); got {c.inner_valid}")
+        if c.search and not c.inner_valid:
+            raise ConfigError("--search scores its trials on the inner validation part: give --inner-valid > 0")
+        if c.protocol == "cv":
+            if c.folds < 2:
+                raise ConfigError(f"--folds must be at least 2; got {c.folds}")
+            if c.repeats < 1:
+                raise ConfigError(f"--repeats must be at least 1; got {c.repeats}")
+            if c.seeds != [0]:
+                raise ConfigError("--seeds is for --protocol split; under cv, repeat r draws its folds, views and "
+                                  "initialisation with seed r: use --repeats")
+        if c.search < 0:
+            raise ConfigError(f"--search must be >= 0; got {c.search}")
+        if c.baseline not in known:
+            raise ConfigError(f"--baseline: unknown loss {c.baseline!r}; known losses: {', '.join(known)}")
+        parse_loss_args(c.loss_args)
         if c.hidden < 0:
             raise ConfigError(f"--hidden must be >= 0; got {c.hidden}")
         for name in ("epochs", "batch_size", "views", "image_size", "decode_size", "workers"):
@@ -226,6 +284,61 @@ class RunConfig:
 
     def lr_for(self, loss: str) -> float:
         return self.lr if self.lr is not None else LOSS_LR.get(loss, DEFAULT_LR)
+
+    def units(self) -> list[tuple[int, int | None]]:
+        """(seed, fold) of each run per loss and fraction: the seeds under split, (repeat, fold) under cv."""
+        if self.protocol == "cv":
+            return [(r, f) for r in range(self.repeats) for f in range(self.folds)]
+        return [(s, None) for s in self.seeds]
+
+    def loss_kwargs(self, loss: str) -> dict:
+        return parse_loss_args(self.loss_args).get(loss, {})
+
+
+def parse_loss_args(spec: str) -> dict[str, dict]:
+    """'am_softmax:margin=0.2,scale=16;arcface:margin=0.3' -> {loss: {argument: value}}, each value of the type of
+    the argument's default; an unknown loss, an unknown argument or a wrong type is a ConfigError naming it."""
+    from lossbank import get_loss_info
+
+    parsed: dict[str, dict] = {}
+    for part in (p.strip() for p in (spec or "").split(";")):
+        if not part:
+            continue
+        loss, sep, pairs = part.partition(":")
+        loss = loss.strip()
+        if not sep or not pairs.strip():
+            raise ConfigError(f"--loss-args: {part!r} must be LOSS:NAME=VALUE[,NAME=VALUE], e.g. am_softmax:margin=0.2")
+        if loss not in list_losses():
+            raise ConfigError(f"--loss-args: unknown loss {loss!r}; known losses: {', '.join(list_losses())}")
+        # Tensor-valued arguments (class weights, counts) are the harness's to set, not the command line's.
+        defaults = {k: v for k, v in get_loss_info(loss).defaults.items() if k != "reduction" and v is not None}
+        for pair in pairs.split(","):
+            name, eq, text = (t.strip() for t in pair.partition("="))
+            if not eq or not name:
+                raise ConfigError(f"--loss-args {loss}: {pair.strip()!r} must be NAME=VALUE")
+            if name not in defaults:
+                raise ConfigError(f"--loss-args {loss}: unknown argument {name!r}; {loss} takes "
+                                  f"{', '.join(defaults) or 'no arguments'}")
+            default = defaults[name]
+            try:
+                if isinstance(default, bool):
+                    if text.lower() not in ("true", "false"):
+                        raise ValueError(text)
+                    value = text.lower() == "true"
+                elif isinstance(default, (int, float)):
+                    value = float(text) if isinstance(default, float) else int(text)
+                else:
+                    value = text
+            except ValueError:
+                raise ConfigError(f"--loss-args {loss}: {name} must be {type(default).__name__} like its default "
+                                  f"{default!r}; got {text!r}") from None
+            parsed.setdefault(loss, {})[name] = value
+        info = get_loss_info(loss)
+        try:  # the loss's own checks (a margin's range, a variant's name)
+            info.cls(**parsed[loss], **({"class_counts": [1, 1]} if info.needs_class_counts else {}))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"--loss-args {loss}: {exc}") from None
+    return parsed
 
 
 def _resolve_device(device: str) -> str:

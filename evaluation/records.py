@@ -9,13 +9,21 @@ were made otherwise).
 
 Fields of a record (version ``RECORD_VERSION``)::
 
-    dataset backbone mode loss seed train_fraction   the run's key
+    dataset backbone mode protocol loss seed fold train_fraction
+                                     the run's key; under --protocol cv, seed is the repeat and fold the fold
+                                     scored on (split: fold None; records before version 3 lack both: split)
     status ("ok" | "failed") failed_epoch failure     how it ended
-    history                                          one dict per epoch: train/valid loss, top-1, ...
-    final best_epoch best_valid_top1 train_seconds   its outcome (final = the last epoch's valid metrics)
-    classes num_train num_valid train_class_counts   what it saw
-    signature                                        settings + data identity: what must agree to reuse it
-    config                                           what it used beyond the signature (lr, device, teacher)
+    history                          one dict per epoch: train loss/top-1, valid_* on the scored images,
+                                     inner_* on the inner validation part that chose the epoch (if any)
+    final                            the last epoch's valid_top1/top3/macro_f1/loss and confusion
+                                     (rows = true class, columns = predicted) on the scored images
+    best_epoch best_valid_top1       the best epoch on the scored images: optimistic, for scale only
+    train_seconds
+    classes num_train num_inner num_valid train_class_counts
+                                     what it saw: trained on, held out to choose the epoch, scored on
+    signature                        settings + data identity: what must agree to reuse it
+    config                           what it used beyond the signature (lr, device, teacher, loss_args)
+    search                           with --search: the chosen lr and loss arguments, their inner top-1
     weights_hash command notes skipped_files dropped record_version
 """
 from __future__ import annotations
@@ -29,29 +37,43 @@ import torch
 from . import data
 from .files import write_atomically, write_json_atomically
 
-RECORD_VERSION = 2
-# A run is identified by these fields; a second record with the same identity (e.g. after
-# merging shard folders) is a duplicate.
+RECORD_VERSION = 3
+# A run is identified by these fields, and by its protocol and fold (absent: "split", no fold); a
+# second record with the same identity (e.g. after merging shard folders) is a duplicate.
 RUN_KEY_FIELDS = ("dataset", "backbone", "mode", "loss", "seed", "train_fraction")
 # The settings of a RunConfig that change what a run computes; the others (output folders,
 # progress bars, workers, the grid itself) do not.
-SIGNATURE_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "patience", "hidden", "dropout", "views",
-                      "image_size", "decode_size", "precision", "unfreeze", "teacher")
+SIGNATURE_SETTINGS = ("protocol", "folds", "inner_valid", "epochs", "batch_size", "lr", "weight_decay", "patience",
+                      "hidden", "dropout", "views", "image_size", "decode_size", "precision", "unfreeze", "teacher",
+                      "search")
+
+
+def protocol_of(rec) -> str:
+    return rec.get("protocol") or "split"
 
 
 def run_key(rec) -> tuple:
-    return (rec["dataset"], rec["backbone"], rec["mode"], rec["loss"],
-            int(rec["seed"]), round(float(rec["train_fraction"]), 6))
+    fold = rec.get("fold")
+    return (rec["dataset"], rec["backbone"], rec["mode"], protocol_of(rec), rec["loss"], int(rec["seed"]),
+            None if fold is None else int(fold), round(float(rec["train_fraction"]), 6))
 
 
 def describe_key(key) -> str:
-    dataset, backbone, mode, loss, seed, frac = key
-    return f"{dataset}/{backbone}/{mode}/{loss} seed {seed} train_fraction {frac:g}"
+    dataset, backbone, mode, protocol, loss, seed, fold, frac = key
+    unit = f"seed {seed}" if fold is None else f"repeat {seed} fold {fold}"
+    return f"{dataset}/{backbone}/{mode}/{protocol}/{loss} {unit} train_fraction {frac:g}"
+
+
+def run_folder(out: Path, dataset: str, backbone: str, mode: str, protocol: str = "split") -> Path:
+    """Where the runs of (dataset, backbone, mode, protocol) live; split runs keep the folder they always had."""
+    return Path(out) / "runs" / dataset / (f"{backbone}-{mode}" + ("" if protocol == "split" else f"-{protocol}"))
 
 
 def record_path(out: Path, key: dict) -> Path:
-    return (Path(out) / "runs" / key["dataset"] / f"{key['backbone']}-{key['mode']}" / key["loss"]
-            / f"seed{key['seed']}-frac{key['train_fraction']:g}.json")
+    folder = run_folder(out, key["dataset"], key["backbone"], key["mode"], protocol_of(key)) / key["loss"]
+    if key.get("fold") is None:
+        return folder / f"seed{key['seed']}-frac{key['train_fraction']:g}.json"
+    return folder / f"repeat{key['seed']}-fold{key['fold']}-frac{key['train_fraction']:g}.json"
 
 
 def model_path(out: Path, key: dict) -> Path:
@@ -59,9 +81,9 @@ def model_path(out: Path, key: dict) -> Path:
     return record_path(out, key).with_suffix(".pt")
 
 
-def config_path(out: Path, dataset: str, backbone: str, mode: str) -> Path:
+def config_path(out: Path, dataset: str, backbone: str, mode: str, protocol: str = "split") -> Path:
     """The resolved configuration of the last command that trained runs of (dataset, backbone, mode), beside them."""
-    return Path(out) / "runs" / dataset / f"{backbone}-{mode}" / "config.yaml"
+    return run_folder(out, dataset, backbone, mode, protocol) / "config.yaml"
 
 
 def data_path(out: Path, label: str) -> Path:
@@ -69,11 +91,14 @@ def data_path(out: Path, label: str) -> Path:
     return Path(out) / "datasets" / f"{label}.json"
 
 
-def signature(config, weights_hash: str, splits: data.DatasetSplits) -> dict:
-    """What must agree for a finished run to be reused: the settings, and the data it was trained and evaluated on."""
+def signature(config, weights_hash: str, splits: data.DatasetSplits, loss: str) -> dict:
+    """What must agree for a finished run of ``loss`` to be reused: the settings (its own loss arguments among
+    them), and the data it was trained and evaluated on."""
     settings = {name: getattr(config, name) for name in SIGNATURE_SETTINGS}
     settings["views"] = config.views if config.mode == "frozen" else None
     settings["unfreeze"] = config.unfreeze if config.mode == "finetune" else None
+    settings["folds"] = config.folds if config.protocol == "cv" else None
+    settings["loss_args"] = config.loss_kwargs(loss)
     return {"data": splits.identity(), "weights_hash": weights_hash, **settings}
 
 
@@ -253,7 +278,7 @@ def check_compatible(config, datasets, weights_hash: str, write_listing: bool) -
     """
     out = config.out
     for splits, label in datasets:
-        want = signature(config, weights_hash, splits)
+        want = signature(config, weights_hash, splits, config.baseline)
         listing = data_path(out, label)
         listed = None
         if listing.is_file():
@@ -267,9 +292,10 @@ def check_compatible(config, datasets, weights_hash: str, write_listing: bool) -
                 f"error: {out} already holds runs of {label} made on other data ({listing}): "
                 f"{describe_data_change(listed['identity'], splits, files)}.\n"
                 f"Use another --out for this data, or delete {out / 'runs' / label} and {listing} to retrain on it.")
-        folder = out / "runs" / label / f"{config.backbone}-{config.mode}"
+        folder = run_folder(out, label, config.backbone, config.mode, config.protocol)
         for path in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
-            have = read_record(path)["signature"]
+            record = read_record(path)
+            have, want = record["signature"], signature(config, weights_hash, splits, record.get("loss", ""))
             if have.get("data") != want["data"]:
                 raise SystemExit(
                     f"error: {out} already holds runs of {label} made on other data ({path}): "

@@ -8,6 +8,7 @@ line and the orchestration of a grid of (dataset, fraction, seed, loss) runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -27,12 +28,16 @@ from . import backbones as bb
 from . import data
 from . import distributed
 from . import features as feats
+from . import folders
 from . import images
 from . import records
 from .config import ConfigError, RunConfig, add_arguments, from_command_line
 from .distributed import Context
 from .files import WriteError, write_json_atomically, write_text_atomically
-from .train import fit, frozen_copy, set_up_run
+from . import protocol
+from . import search
+from . import train
+from .train import frozen_copy
 
 EXAMPLES = """\
 examples:
@@ -102,7 +107,8 @@ class Job:
 
 
 def _summary_line(key: dict, result) -> str:
-    where = f"{key['dataset']} {key['backbone']} {key['mode']} {key['loss']} seed {key['seed']} frac {key['train_fraction']:g}"
+    unit = f"seed {key['seed']}" if key.get("fold") is None else f"repeat {key['seed']} fold {key['fold']}"
+    where = f"{key['dataset']} {key['backbone']} {key['mode']} {key['loss']} {unit} frac {key['train_fraction']:g}"
     if result["status"] != "ok":
         return f"{where}: FAILED in epoch {result['failed_epoch']} ({result['failure']})"
     return (f"{where}: valid top-1 {100 * result['final']['valid_top1']:.1f} % "
@@ -110,27 +116,111 @@ def _summary_line(key: dict, result) -> str:
             f"{len(result['history'])} epochs, {result['train_seconds']:.1f} s")
 
 
-def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.Backbone) -> None:
+class DatasetInputs:
+    """What the runs of one dataset read, computed (or loaded from the cache) on first use only.
+
+    The train pool is what runs may learn from and the test pool what they are scored on: the archive's
+    train and valid splits under --protocol split, both the pooled labelled images under cv. The augmented
+    views of the train pool are drawn per view seed (a run's seed, or its repeat), so a seed really redraws
+    the views it trains on; the eval views of both pools are drawn once.
+    """
+
+    def __init__(self, job: Job, splits: data.DatasetSplits, label: str, backbone):
+        self.job, self.splits, self.label, self.backbone = job, splits, label, backbone
+        cv = job.config.protocol == "cv"
+        pooled = splits.train + splits.valid
+        self.train_pool = pooled if cv else splits.train
+        self.test_pool = pooled if cv else splits.valid
+        # The feature cache is keyed by a DatasetSplits: under cv, one holding the pooled images on both sides.
+        self._feature_splits = dataclasses.replace(splits, train=pooled, valid=pooled) if cv else splits
+        self.train_y = torch.tensor([s.label for s in self.train_pool], dtype=torch.long)
+        self.test_y = torch.tensor([s.label for s in self.test_pool], dtype=torch.long)
+        self.groups = [s.sha256 or str(s.path) for s in self.train_pool]
+        self._cache: dict = {}
+
+    def _timed(self, key, compute):
+        if key not in self._cache:
+            t0 = time.perf_counter()
+            self._cache[key] = compute()
+            self.job.timer.add(f"load+extract:{self.label}", time.perf_counter() - t0)
+        return self._cache[key]
+
+    def _features(self, split: str, view_seed: int | None):
+        """Cached features of the train pool ("train": augmented with ``view_seed``, or eval views when it is None)
+        or of the test pool ("valid"), computed by the main process first, then read by the others."""
+        config, ctx = self.job.config, self.job.ctx
+        augment = view_seed is not None
+        part = "pooled" if config.mode == "frozen" else "trunk"
+        precision = "fp32" if config.precision == "fp64" else config.precision
+        if not ctx.main:
+            distributed.barrier(ctx)  # the main process computes and writes the cache; then the others read it
+        result = feats.cached_features(
+            self.backbone, self._feature_splits, split,
+            views=config.views if augment else 1, augment=augment, seed=view_seed or 0,
+            image_size=config.image_size, decode_size=config.decode_size, precision=precision, device=config.device,
+            cache_dir=config.cache_dir, progress=self.job.progress, workers=config.workers, part=part)
+        if ctx.main:
+            distributed.barrier(ctx)
+        if result.bad_files:  # checked decodable when the dataset was loaded: the files changed since
+            raise data.DatasetError(f"{len(result.bad_files)} files stopped decoding while this command ran "
+                                    f"({', '.join(result.bad_files[:3])}); run the command again")
+        return result.features
+
+    def _images(self, pool):
+        decoded, kept, failed = images.load_images(pool, self.job.config.decode_size, workers=self.job.config.workers,
+                                                   progress=self.job.progress)
+        if failed:
+            raise data.DatasetError(f"{len(failed)} files stopped decoding while this command ran "
+                                    f"({', '.join(map(str, failed[:3]))}); run the command again")
+        return decoded
+
+    def run_data(self, unit: protocol.Unit) -> train.RunData:
+        config = self.job.config
+        if config.mode == "finetune" and config.unfreeze == "all":  # decoded images, augmented while training
+            train_all = self._timed("train images", lambda: self._images(self.train_pool))
+            test_all = train_all if config.protocol == "cv" else self._timed(
+                "test images", lambda: self._images(self.test_pool))
+            views = eval_train = train_all
+        else:
+            views = self._timed(("train", unit.seed), lambda: self._features("train", unit.seed))
+            test_all = self._timed("test", lambda: self._features("valid", None))
+            eval_train = (test_all if config.protocol == "cv" else
+                          self._timed("train eval", lambda: self._features("train", None))) if len(unit.inner_rows) else None
+            if config.mode == "frozen":  # one eval view: (n, D)
+                test_all = test_all[0]
+                eval_train = eval_train[0] if eval_train is not None else None
+        pick = (lambda x, rows: x[rows]) if config.mode == "frozen" or config.unfreeze == "all" else \
+            (lambda x, rows: x[:, rows])
+        inner = unit.inner_rows
+        return train.RunData(
+            train_x=views[unit.train_rows] if config.unfreeze == "all" and config.mode == "finetune"
+            else views[:, unit.train_rows], train_y=self.train_y[unit.train_rows],
+            valid_x=pick(test_all, unit.test_rows), valid_y=self.test_y[unit.test_rows],
+            inner_x=pick(eval_train, inner) if len(inner) else None, inner_y=self.train_y[inner] if len(inner) else None)
+
+
+def dataset_units(config: RunConfig, splits: data.DatasetSplits) -> list[protocol.Unit]:
+    cv = config.protocol == "cv"
+    pool = splits.train + splits.valid if cv else splits.train
+    labels = torch.tensor([s.label for s in pool], dtype=torch.long)
+    return protocol.units(config, labels, [s.sha256 or str(s.path) for s in pool], len(pool if cv else splits.valid))
+
+
+def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.Backbone,
+                units: list[protocol.Unit]) -> None:
     config, ctx = job.config, job.ctx
     # Distillation needs its teacher trained first, whatever order --losses gives.
     losses = sorted(config.losses, key=lambda n: (n == "distillation", list_losses().index(n)))
-    sig = records.signature(config, backbone.weights_hash, splits)
-    loaded = {}
-
-    def inputs():
-        # Features (or decoded images) only when something is left to train: a finished grid costs nothing.
-        if not loaded:
-            loaded.update(prepare_inputs(job, splits, label, backbone))
-        return loaded
+    inputs = DatasetInputs(job, splits, label, backbone)  # features only once something is left to train
 
     for fraction in config.train_fraction:
-        for seed in config.seeds:
-            if (label, fraction, seed) not in job.groups:
+        for unit in units:
+            if (label, fraction, unit.seed, unit.fold) not in job.groups:
                 continue
 
             def key_of(loss):
-                return {"dataset": label, "backbone": backbone.name, "mode": config.mode, "loss": loss,
-                        "seed": seed, "train_fraction": fraction}
+                return {"dataset": label, "backbone": backbone.name, "mode": config.mode, "protocol": config.protocol,
+                        "loss": loss, "seed": unit.seed, "fold": unit.fold, "train_fraction": fraction}
 
             # Across processes every one must make the same choices: the main process looks at
             # the disk (which other nodes may not share) and tells the others what it found.
@@ -142,6 +232,7 @@ def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.B
             teacher_model = None
             for loss in order:
                 key = key_of(loss)
+                sig = records.signature(config, backbone.weights_hash, splits, loss)
                 is_teacher = teacher_needed and loss == config.teacher
                 recorded = loss in losses
                 if on_disk[loss] and recorded:
@@ -149,7 +240,7 @@ def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.B
                     if not is_teacher:
                         continue
                 if is_teacher and teacher_saved:
-                    teacher_model = load_teacher(job, inputs(), len(splits.classes), backbone, key)
+                    teacher_model = load_teacher(job, inputs.run_data(unit), len(splits.classes), backbone, key)
                     if teacher_model is not None:
                         continue
                 if loss == "distillation" and teacher_model is None:
@@ -158,11 +249,9 @@ def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.B
                             key, sig, job.command, status="failed", failed_epoch=0,
                             failure=f"its teacher ({config.teacher}) failed to train"), config.out)
                     continue
-                given = inputs()  # loaded (or extracted) outside the timing of the first loss's training
-                t0 = time.perf_counter()
+                given = inputs.run_data(unit)  # loaded (or extracted) outside the timing of the first loss's training
                 record, model = train_run(job, given, splits, backbone, key, sig,
                                           teacher=teacher_model if loss == "distillation" else None)
-                job.timer.add(f"train:{loss}", time.perf_counter() - t0)
                 if recorded and ctx.main:
                     records.write_record(record, config.out)
                     (tqdm.write if job.progress else print)(_summary_line(key, record))
@@ -172,46 +261,10 @@ def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.B
                         records.save_model(teacher_model, config.out, key)
 
 
-def prepare_inputs(job: Job, splits, label, backbone) -> dict:
-    """Cached features of train (augmented views) and valid: pooled ones for frozen, the backbone's trunk
-    for finetune of the last stages. Finetune of all stages: decoded images in memory."""
-    config, ctx = job.config, job.ctx
-    t0 = time.perf_counter()
-    if config.mode == "frozen" or config.unfreeze == "last":
-        common = dict(image_size=config.image_size, decode_size=config.decode_size,
-                      precision="fp32" if config.precision == "fp64" else config.precision,
-                      device=config.device, cache_dir=config.cache_dir, progress=job.progress, workers=config.workers,
-                      part="pooled" if config.mode == "frozen" else "trunk")
-
-        def cached():
-            return (feats.cached_features(backbone, splits, "train", views=config.views, augment=True, seed=0, **common),
-                    feats.cached_features(backbone, splits, "valid", views=1, augment=False, **common))
-
-        if not ctx.main:
-            distributed.barrier(ctx)  # the main process computes and writes the cache; then the others read it
-        train, valid = cached()
-        if ctx.main:
-            distributed.barrier(ctx)
-        inputs = {"train_x": train.features, "train_y": train.labels,
-                  "valid_x": valid.features[0] if config.mode == "frozen" else valid.features, "valid_y": valid.labels,
-                  "bad_files": train.bad_files + valid.bad_files}
-    else:
-        decoded = {split: images.load_images(getattr(splits, split), config.decode_size, workers=config.workers,
-                                           progress=job.progress) for split in data.SPLITS}
-        inputs = {"train_x": decoded["train"][0],
-                  "train_y": torch.tensor([splits.train[i].label for i in decoded["train"][1]]),
-                  "valid_x": decoded["valid"][0],
-                  "valid_y": torch.tensor([splits.valid[i].label for i in decoded["valid"][1]]),
-                  "bad_files": [str(p) for split in data.SPLITS for p in decoded[split][2]]}
-    job.timer.add(f"load+extract:{label}", time.perf_counter() - t0)
-    if inputs["bad_files"]:
-        splits.notes.append(f"{len(inputs['bad_files'])} undecodable files skipped: {', '.join(inputs['bad_files'])}")
-    return inputs
-
-
-def load_teacher(job: Job, inputs: dict, num_classes: int, backbone, key: dict):
+def load_teacher(job: Job, run_data: train.RunData, num_classes: int, backbone, key: dict):
     """The saved teacher model of a finished run, or None (with a warning) when its file is unusable: it is then retrained."""
-    setup = set_up_run(job.config, job.ctx, inputs, num_classes, backbone, key["loss"], key["seed"], key["train_fraction"])
+    setup = train.set_up_run(job.config, job.ctx, run_data, num_classes, backbone, key["loss"], key["seed"],
+                             key["train_fraction"])
     model = setup.model  # not wrapped in DDP: a teacher does not train
     weights = records.model_path(job.config.out, key)
     # Read by the main process only: other nodes need not share --out.
@@ -231,10 +284,18 @@ def load_teacher(job: Job, inputs: dict, num_classes: int, backbone, key: dict):
     return frozen_copy(model)
 
 
-def train_run(job: Job, inputs: dict, splits: data.DatasetSplits, backbone, key: dict, sig: dict, teacher=None):
+def train_run(job: Job, run_data: train.RunData, splits: data.DatasetSplits, backbone, key: dict, sig: dict,
+              teacher=None):
     config, ctx = job.config, job.ctx
-    setup = set_up_run(config, ctx, inputs, len(splits.classes), backbone, key["loss"], key["seed"], key["train_fraction"])
-    lr = config.lr_for(key["loss"])
+    chosen = None
+    if config.search:
+        t0 = time.perf_counter()
+        chosen = search.search(config, ctx, run_data, len(splits.classes), backbone, key, teacher=teacher)
+        job.timer.add(f"search:{key['loss']}", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    setup = train.set_up_run(config, ctx, run_data, len(splits.classes), backbone, key["loss"], key["seed"],
+                             key["train_fraction"], loss_kwargs=chosen["loss_kwargs"] if chosen else None)
+    lr = chosen["lr"] if chosen else config.lr_for(key["loss"])
     for g in setup.param_groups:
         g["lr"] = lr * g.pop("lr_scale", 1.0)
     model = setup.model
@@ -249,19 +310,25 @@ def train_run(job: Job, inputs: dict, splits: data.DatasetSplits, backbone, key:
         bar.set_postfix(train_loss=f"{row['train_loss']:.3g}", valid_top1=f"{100 * row['valid_top1']:.1f}")
 
     try:
-        result = fit(model, setup.param_groups, setup.train_batches, setup.valid_batches, len(splits.classes),
-                     epochs=config.epochs, lr=lr, weight_decay=config.weight_decay, patience=config.patience,
-                     device=config.device, teacher=teacher, amp=config.precision == "bf16" and config.mode == "finetune",
-                     train_mode=setup.train_mode, progress=on_epoch)
+        result = train.fit(model, setup.param_groups, setup.train_batches, setup.valid_batches, len(splits.classes),
+                           epochs=config.epochs, lr=lr, weight_decay=config.weight_decay, patience=config.patience,
+                           device=config.device, teacher=teacher,
+                           amp=config.precision == "bf16" and config.mode == "finetune", train_mode=setup.train_mode,
+                           progress=on_epoch, select_batches=setup.select_batches)
     finally:
         bar.close()
+        job.timer.add(f"train:{key['loss']}", time.perf_counter() - t0)
+    num_inner = 0 if run_data.inner_y is None else len(run_data.inner_y)
     record = records.new_record(
         key, sig, job.command, status=result.status, failure=result.failure, failed_epoch=result.failed_epoch,
         history=result.history, final=result.final, best_epoch=result.best_epoch,
         best_valid_top1=result.best_valid_top1, train_seconds=result.train_seconds, classes=splits.classes,
-        num_train=setup.num_train, num_valid=len(inputs["valid_y"]), train_class_counts=setup.class_counts,
-        config={"lr": lr, "device": config.device, "teacher": config.teacher if key["loss"] == "distillation" else None},
-        notes=splits.notes, skipped_files=splits.skipped + inputs["bad_files"], dropped=splits.dropped)
+        num_train=setup.num_train, num_inner=num_inner, num_valid=len(run_data.valid_y),
+        train_class_counts=setup.class_counts,
+        config={"lr": lr, "device": config.device, "teacher": config.teacher if key["loss"] == "distillation" else None,
+                "loss_args": chosen["loss_kwargs"] if chosen else config.loss_kwargs(key["loss"])},
+        search=chosen,
+        notes=splits.notes, skipped_files=splits.skipped, dropped=splits.dropped)
     return record, result.model
 
 
@@ -269,6 +336,10 @@ def train_run(job: Job, inputs: dict, splits: data.DatasetSplits, backbone, key:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = parse_args(argv)
+    if distributed.launched_by_torchrun() and config.search:
+        print("error: --search runs in one process (its trials are small runs of their own): split the grid with "
+              "--shard I/N instead of torchrun", file=sys.stderr)
+        return 2
     if distributed.launched_by_torchrun() and config.mode != "finetune":
         print("error: torchrun trains one fine-tuning run across processes (--mode finetune); frozen runs take "
               "seconds each: split their grid across jobs with --shard I/N instead", file=sys.stderr)
@@ -347,37 +418,48 @@ def run_command(job: Job) -> int:
     records.check_compatible(config, datasets, backbone.weights_hash, write_listing=ctx.main)
     say(f"# {job.command}")
     say(f"# backbone {backbone.name} (weights {config.weights}, hash {backbone.weights_hash}), mode {config.mode}, "
-        f"device {config.device}, {len(config.losses)} losses x seeds {config.seeds} x fractions {config.train_fraction}"
+        f"device {config.device}, {len(config.losses)} losses x "
+        + (f"seeds {config.seeds}" if config.protocol == "split" else f"{config.repeats} repeats of {config.folds} folds")
+        + f" x fractions {config.train_fraction}"
         + (f", {ctx.world} processes ({torch.distributed.get_backend()})" if ctx.distributed else ""))
-    grid = [{"dataset": label, "backbone": backbone.name, "mode": config.mode, "loss": loss, "seed": seed,
-             "train_fraction": fraction}
-            for _, label in datasets for fraction in config.train_fraction for seed in config.seeds for loss in config.losses]
+    units = {label: dataset_units(config, splits) for splits, label in datasets}
+    grid = [{"dataset": label, "backbone": backbone.name, "mode": config.mode, "protocol": config.protocol,
+             "loss": loss, "seed": unit.seed, "fold": unit.fold, "train_fraction": fraction}
+            for _, label in datasets for fraction in config.train_fraction for unit in units[label]
+            for loss in config.losses]
     if ctx.main:
         write_json_atomically(grid, config.out / "grid.json")
-        for _, label in datasets:  # as timm keeps args.yaml: --config this file reruns the command
-            write_text_atomically(records.config_path(config.out, label, backbone.name, config.mode), config.to_yaml())
-    # A distillation run needs its teacher from the same (dataset, fraction, seed), so shards
+        for splits, label in datasets:  # as timm keeps args.yaml: --config this file reruns the command
+            write_text_atomically(records.config_path(config.out, label, backbone.name, config.mode, config.protocol),
+                                  config.to_yaml())
+            if config.protocol == "cv":
+                pool = splits.train + splits.valid
+                protocol.write_folds(config.out / "folds" / f"{label}.csv", label,
+                                     [folders.relative(s.path, splits.root) for s in pool],
+                                     [s.sha256 or "" for s in pool], units[label])
+    # A distillation run needs its teacher from the same (dataset, fraction, unit), so shards
     # are made of whole groups, dealt out in a fixed order: every job computes the same split.
     index, count = config.shard_parts
-    groups = [(label, fraction, seed) for _, label in datasets for fraction in config.train_fraction for seed in config.seeds]
+    groups = [(label, fraction, unit.seed, unit.fold) for splits, label in datasets
+              for fraction in config.train_fraction for unit in units[label]]
     job.groups = {g for i, g in enumerate(groups) if i % count == index}
     for splits, label in datasets:
         if any(g[0] == label for g in job.groups):
-            run_dataset(job, splits, label, backbone)
+            run_dataset(job, splits, label, backbone, units[label])
     if not ctx.main:
         return 0
     from . import report, tables  # pandas and matplotlib load only once there is something to report
 
     t0 = time.perf_counter()
     timing = {"sections": dict(job.timer.sections), "total": None}
-    result = report.write_report(config.out, config.plots, timing=timing, grid=grid)
+    result = report.write_report(config.out, config.plots, timing=timing, grid=grid, baseline=config.baseline)
     job.timer.add("report", time.perf_counter() - t0)
     timing = {"sections": dict(job.timer.sections), "total": time.perf_counter() - start}
     write_json_atomically(timing, config.out / "timing.json")
     write_text_atomically(config.out / "timing.md", tables.format_timing(timing))
     for _, label in datasets:
         print()
-        print(tables.format_table(result["summary"], label))
+        print(tables.format_table(result["summary"], label, result["comparison"]))
     print("\ntiming (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timing["sections"].items()) + f", total {timing['total']:.1f}")
     print(f"tables in {config.out}, plots in {config.plots}")
     missing = result.get("missing", [])

@@ -166,36 +166,54 @@ def finetune_batches(config, ctx: Context, net, inputs: Tensor, labels: Tensor, 
 
 
 @dataclass
+class RunData:
+    """The images of one run: to train on (every cached view, or decoded images), to score on, to choose on.
+
+    Frozen: features (views, n, D) to train on, (n, D) to score and choose on. Fine-tuning the last stages:
+    trunk outputs (views, n, C, H, W) and (1, n, C, H, W). Fine-tuning everything: decoded images (n, 3, S, S).
+    """
+    train_x: Tensor
+    train_y: Tensor
+    valid_x: Tensor
+    valid_y: Tensor
+    inner_x: Tensor | None = None  # the inner validation part of the training set; None: no early stopping on it
+    inner_y: Tensor | None = None
+
+
+@dataclass
 class RunSetup:
     """An untrained model for one run and what trains it."""
     model: nn.Module
     param_groups: list[dict]  # the backbone's with "lr_scale"
     train_batches: Batches
     valid_batches: Callable[[], Iterable]
+    select_batches: Callable[[], Iterable] | None  # the inner validation part's, to choose the epoch on
     train_mode: Callable[[], None]
     class_counts: list[int]  # of the training subset
     num_train: int
 
 
-def set_up_run(config, ctx: Context, inputs: dict, num_classes: int, backbone, loss: str, seed: int,
-               fraction: float) -> RunSetup:
-    """The model of one run (frozen: head on cached features; finetune: backbone stages too), seeded, with its batches."""
-    subset = stratified_subset(inputs["train_y"], fraction, seed)
-    train_y = inputs["train_y"][subset]
+def set_up_run(config, ctx: Context, run: RunData, num_classes: int, backbone, loss: str, seed: int,
+               fraction: float, loss_kwargs: dict | None = None) -> RunSetup:
+    """The model of one run (frozen: head on cached features; finetune: backbone stages too), seeded, with its batches.
+
+    ``loss_kwargs`` (a search's trial) replace the loss arguments of the config."""
+    subset = stratified_subset(run.train_y, fraction, seed)
+    train_y = run.train_y[subset]
     counts = torch.bincount(train_y, minlength=num_classes).tolist()
+    loss_kwargs = config.loss_kwargs(loss) if loss_kwargs is None else loss_kwargs
     torch.manual_seed(seed)
     if config.mode == "frozen":
-        train_x = inputs["train_x"][:, subset]
+        train_x = run.train_x[:, subset]
         flat = train_x.reshape(-1, train_x.shape[-1])
         mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
         model = build_classifier(loss, backbone.num_features, num_classes, counts, hidden=config.hidden,
-                                 dropout=config.dropout, mean=mean, std=std)
+                                 dropout=config.dropout, loss_kwargs=loss_kwargs, mean=mean, std=std)
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
         train_batches = feature_batches(train_x, train_y, config.batch_size, seed)
-        valid_x, valid_y = inputs["valid_x"], inputs["valid_y"]
 
-        def valid_batches():
-            return ((valid_x[i:i + 256], valid_y[i:i + 256]) for i in range(0, len(valid_y), 256))
+        def batches_of(x, y):
+            return lambda: ((x[i:i + 256], y[i:i + 256]) for i in range(0, len(y), 256))
         train_mode = model.train
     else:
         net = copy.deepcopy(backbone)
@@ -204,21 +222,23 @@ def set_up_run(config, ctx: Context, inputs: dict, num_classes: int, backbone, l
         # unfreeze last: the inputs are the cached trunk outputs, and only the tail runs here
         cached = config.unfreeze == "last"
         model = build_classifier(loss, net.num_features, num_classes, counts, hidden=config.hidden,
-                                 dropout=config.dropout, backbone=net.split()[1] if cached else net.model, context=ctx)
+                                 dropout=config.dropout, loss_kwargs=loss_kwargs,
+                                 backbone=net.split()[1] if cached else net.model, context=ctx)
         head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         groups = [{"params": head_params}, {"params": backbone_params, "lr_scale": BACKBONE_LR_SCALE}]
-        train_x = inputs["train_x"][:, subset] if cached else inputs["train_x"][subset]
+        train_x = run.train_x[:, subset] if cached else run.train_x[subset]
         train_batches = finetune_batches(config, ctx, net, train_x, train_y, seed, train=True, cached=cached)
 
-        def valid_batches():
-            return finetune_batches(config, ctx, net, inputs["valid_x"], inputs["valid_y"], seed, train=False,
-                                    cached=cached)(0)
+        def batches_of(x, y):
+            return lambda: finetune_batches(config, ctx, net, x, y, seed, train=False, cached=cached)(0)
 
         def train_mode():
             model.train()
             net.train_mode()
+    select = batches_of(run.inner_x, run.inner_y) if run.inner_y is not None and len(run.inner_y) else None
     dtype = torch.float64 if config.precision == "fp64" else torch.float32
-    return RunSetup(model.to(config.device, dtype), groups, train_batches, valid_batches, train_mode, counts, len(subset))
+    return RunSetup(model.to(config.device, dtype), groups, train_batches, batches_of(run.valid_x, run.valid_y), select,
+                    train_mode, counts, len(subset))
 
 
 # ---------------------------------------------------------------- one epoch
@@ -265,7 +285,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, *, device: str = "cpu",
              teacher: nn.Module | None = None, amp: bool = False) -> dict:
-    """Valid loss (the training loss on valid data), top-1, top-3 and macro-F1."""
+    """Valid loss (the training loss on valid data), top-1, top-3, macro-F1, and the confusion matrix
+    (``confusion``: rows = true class, columns = predicted, counts)."""
     model.eval()
     logits_all, targets, total_loss, seen = [], [], 0.0, 0
     for inputs, target in batches:
@@ -278,11 +299,14 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_cla
         logits_all.append(out.logits.float().cpu())
         targets.append(target.cpu())
     logits, target = torch.cat(logits_all), torch.cat(targets)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((target.long(), logits.argmax(1)), torch.ones_like(target, dtype=torch.long), accumulate=True)
     return {
         "valid_loss": total_loss / max(seen, 1),
         "valid_top1": topk_accuracy(logits, target, 1),
         "valid_top3": topk_accuracy(logits, target, 3),
         "valid_macro_f1": macro_f1(logits.argmax(1), target, num_classes),
+        "confusion": confusion.tolist(),
     }
 
 
@@ -303,12 +327,14 @@ class FitResult:
 def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches, valid_batches: Callable[[], Iterable],
         num_classes: int, *, epochs: int, lr: float, weight_decay: float, patience: int, device: str = "cpu",
         teacher: nn.Module | None = None, amp: bool = False, train_mode: Callable[[], None] | None = None,
-        progress: Callable[[dict], None] | None = None) -> FitResult:
-    """Train for ``epochs`` with AdamW and a cosine schedule; early stopping on valid loss after ``patience``
-    epochs without improvement (0: never).
+        progress: Callable[[dict], None] | None = None, select_batches: Callable[[], Iterable] | None = None
+        ) -> FitResult:
+    """Train for ``epochs`` with AdamW and a cosine schedule, stopping after ``patience`` epochs (0: never)
+    without a lower loss on ``select_batches`` (the inner validation part of the training set), or, without
+    them, on ``valid_batches`` (the images the run is scored on: the published comparison's recipe, optimistic).
 
-    ``final`` is the state at the last epoch trained (not the best one: choosing the best
-    epoch on the valid set would flatter the valid accuracy); ``best_*`` are reported beside it.
+    ``final`` is the state at the last epoch trained, scored on ``valid_batches`` (with its confusion matrix);
+    ``best_*`` are the best epoch's valid top-1, chosen on the scored images themselves: optimistic, for scale.
     """
     optimiser = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
@@ -327,6 +353,12 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches
             failure = f"training loss became {train['train_loss']} in epoch {epoch}"
             break
         valid = evaluate(model, valid_batches(), num_classes, device=device, teacher=teacher, amp=amp)
+        confusion = valid.pop("confusion")
+        chosen_on = valid["valid_loss"]
+        if select_batches is not None:
+            inner_scores = evaluate(model, select_batches(), num_classes, device=device, teacher=teacher, amp=amp)
+            valid.update(inner_loss=inner_scores["valid_loss"], inner_top1=inner_scores["valid_top1"])
+            chosen_on = inner_scores["valid_loss"]
         schedule.step()
         row = {"epoch": epoch, **train, **valid,
                "lambda": getattr(criterion, "current_lambda", None),
@@ -334,19 +366,21 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches
         history.append(row)
         if progress:
             progress(row)
-        if not math.isfinite(valid["valid_loss"]):
+        if not (math.isfinite(valid["valid_loss"]) and math.isfinite(chosen_on)):
             status, failed_epoch, failure = "failed", epoch, f"valid loss became {valid['valid_loss']} in epoch {epoch}"
             break
         if valid["valid_top1"] > best_top1 or best_epoch == 0:
             best_top1, best_epoch = valid["valid_top1"], epoch
-        if valid["valid_loss"] < best_loss - 1e-6:
-            best_loss, waited = valid["valid_loss"], 0
+        if chosen_on < best_loss - 1e-6:
+            best_loss, waited = chosen_on, 0
         else:
             waited += 1
             if patience and waited >= patience:
                 break
     last = history[-1] if history else {}
     final = {k: last.get(k) for k in ("valid_top1", "valid_top3", "valid_macro_f1", "valid_loss")}
+    if history:
+        final["confusion"] = confusion
     return FitResult(history, status, failed_epoch, failure, best_epoch, best_top1, final,
                      time.perf_counter() - start, model)
 

@@ -163,3 +163,26 @@ def _children(pid: int) -> list[int]:
 def _env(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def test_cross_validation_folds_across_processes_match_one_process(tiny_folder, tmp_path):
+    # --protocol cv: every (repeat, fold) run is one fine-tuning run across the processes, with its inner
+    # validation part choosing the epoch, and the records are those of one process.
+    args = ["--losses", "am_softmax", "--epochs", "2", "--precision", "fp64", "--protocol", "cv", "--folds", "2",
+            "--repeats", "1"]
+    single = launch(command(tiny_folder, tmp_path / "one", tmp_path / "cache", *args))
+    two = launch(command(tiny_folder, tmp_path / "two", tmp_path / "cache", *args, processes=2))
+    assert single.returncode == 0 and two.returncode == 0, (single.stderr + two.stderr)[-3000:]
+
+    def by_fold(out):
+        return {p.name: json.loads(p.read_text()) for p in (out / "runs").rglob("*.json")}
+
+    one, both = by_fold(tmp_path / "one"), by_fold(tmp_path / "two")
+    assert set(one) == set(both) == {"repeat0-fold0-frac1.json", "repeat0-fold1-frac1.json"}
+    for name in one:
+        assert one[name]["num_inner"] > 0 and "inner_loss" in one[name]["history"][0]
+        for a, b in zip(one[name]["history"], both[name]["history"], strict=True):
+            for metric in ("train_loss", "valid_loss", "valid_top1", "inner_loss"):
+                assert b[metric] == pytest.approx(a[metric], rel=1e-5, abs=1e-5), (name, a["epoch"], metric)
+    [folds_one], [folds_two] = (list((tmp_path / name / "folds").glob("*.csv")) for name in ("one", "two"))
+    assert folds_one.read_text() == folds_two.read_text()
