@@ -45,10 +45,10 @@ def grid_commands(out: Path, plots: Path) -> list[list[str]]:
 
 
 def _main_config():
-    """The grid's first (main) configuration, resolved for the facts RESULTS.md states."""
+    """The grid's first configuration on the archive split, for the facts RESULTS.md states."""
     from .config import EPOCHS
 
-    config = grid_configs()[0][1]
+    config = next(c for _, c in grid_configs() if c.protocol == "split")
     return config, {mode: EPOCHS[mode] if config.epochs is None else config.epochs for mode in EPOCHS}
 
 
@@ -138,6 +138,46 @@ def _shortfalls(cells: list, runs: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _verdicts(summary, runs: list[dict], plots: Path) -> list[str]:
+    """The cross-validated answer to "which loss?": per dataset and mode, every loss's mean with its corrected
+    interval and its paired difference to cross-entropy, the verdict in words; then the ranks across datasets."""
+    from . import stats, tables
+    from .plots import plot_name
+
+    cv_runs = [r for r in runs if r.get("protocol") == "cv"]
+    if not cv_runs:
+        return ["## Which loss? (cross-validation)", "", "No cross-validated runs yet: `python -m evaluation.results` "
+                "runs them first (configs/results/1-cv-frozen.yaml).", ""]
+    comparison = stats.compare_runs(cv_runs, "cross_entropy")
+    cv = summary[summary["protocol"] == "cv"] if "protocol" in summary else summary.iloc[0:0]
+    configs = [c for _, c in grid_configs() if c.protocol == "cv"]
+    folds = ", ".join(sorted({f"{c.mode}: {c.folds} folds × {c.repeats} repeats" for c in configs}))
+    lines = ["## Which loss? (cross-validation)", "",
+             f"The verdicts: each dataset's labelled images pooled and dealt into stratified folds ({folds}; "
+             f"byte-identical images in one fold), the same folds for every loss. Each run chooses its epoch on a "
+             f"held-out part of its training folds and is scored on the fold it never saw. Means ± std over the runs, "
+             f"95 % intervals and paired differences to cross_entropy by the Nadeau–Bengio corrected resampled t-test "
+             f"(Holm-adjusted over the losses; ● = not significantly worse than the best loss). The files behind "
+             f"every test: results/scores.csv, results/comparison.csv, results/folds.csv.", ""]
+    for dataset in dict.fromkeys(cv["dataset"]):
+        table = tables.format_table(cv, dataset, comparison).splitlines()
+        lines += ["#" + line if line.startswith("#") else line for line in table[table.index("") + 1:]]
+    for backbone, mode in dict.fromkeys(zip(cv["backbone"], cv["mode"])):
+        ranks = comparison.ranks[(comparison.ranks["backbone"] == backbone) & (comparison.ranks["mode"] == mode)]
+        average = ranks[ranks["dataset"] == "(average)"].sort_values("rank")
+        if average.empty:
+            continue
+        r0 = average.iloc[0]
+        lines += [f"### Across the datasets — {mode}", "",
+                  f"Average rank over {int(r0.n_datasets)} datasets (1 = best): "
+                  + ", ".join(f"{row.loss} {row['rank']:.2f}" for _, row in average.iterrows())
+                  + f". Friedman χ² p = {r0.friedman_p:.3g}, Iman–Davenport p = {r0.iman_davenport_p:.3g}; Nemenyi "
+                  f"critical difference {r0.cd:.2f} ranks at α = 0.05. With three datasets these tests have little "
+                  f"power: losses closer than the critical difference cannot be told apart.", "",
+                  f"![critical differences, {mode}](plots/{plot_name(None, 'critical_difference', backbone, mode, protocol='cv')})", ""]
+    return lines
+
+
 def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str]], ledger: list[dict]) -> None:
     import pandas as pd
 
@@ -166,6 +206,10 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
               f"macro-F1 are the valid values at the end of training, in %, as mean ± sample std over the seeds "
               f"(the seeds column) and [95 % t-interval]. The published numbers are one run of a fine-tuned "
               f"ResNet-50.", ""]
+    lines += _verdicts(summary, runs, plots)
+    if "protocol" in summary:  # the published comparison is on the archive split
+        summary = summary[summary["protocol"] == "split"]
+        runs = [r for r in runs if records.protocol_of(r) == "split"]
     full = summary[summary["train_fraction"] == 1.0]
 
     def cell(dataset, mode, loss):
@@ -301,8 +345,9 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
                          f"{_pct(r['top3_mean'])} | {r['params_m']:.1f} | {r['size_mb']:.1f} | "
                          f"{r['latency_ms']:.1f} | {r['cold_start_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     groups: dict[tuple, list[str]] = {}
+    wanted = {c.mode: len(c.seeds) for _, c in grid_configs() if c.protocol == "split"}
     for r in full.itertuples(index=False):
-        if r.seeds < len(config.seeds):
+        if r.seeds < wanted.get(r.mode, len(config.seeds)):
             groups.setdefault((r.dataset, r.mode, int(r.seeds)), []).append(r.loss)
     short = [f"{d} {m}: {len(losses)} losses ({n})" if len(losses) > 3 else f"{d} {m}: {', '.join(losses)} ({n})"
              for (d, m, n), losses in groups.items()]
@@ -313,7 +358,7 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
         if untuned:
             lines.append(f"- No fine-tuning runs yet for {', '.join(untuned)}.")
         if short:
-            lines.append(f"- Fewer than {len(config.seeds)} seeds (finished seeds in brackets): {'; '.join(short)}. "
+            lines.append(f"- Fewer seeds than the grid asks for (finished seeds in brackets): {'; '.join(short)}. "
                          f"Rerunning `python -m evaluation.results` resumes the grid.")
     lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -231,3 +231,11 @@ def test_a_crippled_loss_is_found_worse_and_a_twin_is_not(tmp_path):
     assert vs.loc["test_shuffled", "mean_diff"] < -0.2 and vs.loc["test_shuffled", "p_holm"] < 0.05
     assert vs.loc["test_twin", "p_holm"] >= 0.05 and vs.loc["test_twin", "n"] == 9
     assert (vs["test"] == "corrected resampled t (Nadeau-Bengio)").all()
+    # RESULTS.md states the verdict in words, from the same comparison.
+    from evaluation import results
+
+    path = tmp_path / "RESULTS.md"
+    results.write_results_md(out, out / "plots", path, [], [])
+    text = path.read_text()
+    assert "## Which loss? (cross-validation)" in text
+    assert "test_shuffled is worse than cross_entropy on three by −" in text

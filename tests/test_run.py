@@ -253,7 +253,8 @@ def test_results_md_is_generated_from_the_runs(tmp_path, cache_dir):
     assert f"| cross_entropy | fruits | 92 % | {100 * ce.top1_mean:.1f} ± {100 * ce.top1_std:.1f} (2) | – | {verdict} (frozen) |" in text
     assert "| hinge | frozen |" in text and "### fruits" in text and "took 2 min" in text
     assert "- **frozen**: " in text and "slowest to converge: " in text
-    assert "Fewer than 5 seeds" in text and "No fine-tuning runs yet for fruits" in text
+    assert "Fewer seeds than the grid asks for" in text and "No fine-tuning runs yet for fruits" in text
+    assert "No cross-validated runs yet" in text
     assert "python -m evaluation.run --dataset fruits" in text
 
 
