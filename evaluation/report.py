@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from .plots import draw_plots

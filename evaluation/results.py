@@ -13,6 +13,10 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # config imports torch and the harness; results.py's own command loads them only when it runs
+    from .config import RunConfig
 
 # The grid: one RunConfig file per evaluation.run command, run in name order. Its settings also
 # feed the prose of RESULTS.md (backbone, seeds, epochs, layer width, views), so they live only there.
