@@ -239,3 +239,20 @@ def test_a_crippled_loss_is_found_worse_and_a_twin_is_not(tmp_path):
     text = path.read_text()
     assert "## Which loss? (cross-validation)" in text
     assert "test_shuffled is worse than cross_entropy on three by −" in text
+
+
+def test_shards_deal_out_the_folds_and_together_make_the_whole_grid(tmp_path):
+    root = write_image_folder(tmp_path / "three", [(210, 50, 40), (40, 60, 210), (60, 190, 60)], per_class=8, train=6)
+    common = ["--data-dir", str(root), *TINY, "--losses", "hinge,distillation", "--protocol", "cv", "--folds", "3",
+              "--repeats", "1", "--cache-dir", str(tmp_path / "cache")]
+    assert run.main([*common, "--out", str(tmp_path / "whole")]) == 0
+    for shard in ("0/2", "1/2"):
+        assert run.main([*common, "--out", str(tmp_path / "shared"), "--shard", shard]) == 0
+
+    def histories(out):
+        return {str(p.relative_to(out)): [{k: v for k, v in row.items() if k != "seconds"}
+                                          for row in json.loads(p.read_text())["history"]]
+                for p in (out / "runs").rglob("*.json")}
+
+    whole, shared = histories(tmp_path / "whole"), histories(tmp_path / "shared")
+    assert len(whole) == 2 * 3 and whole == shared
