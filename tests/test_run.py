@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from evaluation import backbones, run, train
+from evaluation import backbones, features, run, train
 from evaluation import records as record_files
 from image_folders import write_image_folder
 from lossbank import register_loss
@@ -355,7 +355,7 @@ def test_an_unusable_dataset_is_refused_before_any_work(tmp_path, capsys, monkey
     root = tiny_folder(tmp_path / "novalid")
     for f in (root / "valid").rglob("*.png"):
         f.write_bytes(b"")
-    monkeypatch.setattr(run.feats, "cached_features", lambda *a, **k: pytest.fail("features were extracted"))
+    monkeypatch.setattr(features, "cached_features", lambda *a, **k: pytest.fail("features were extracted"))
     assert run.main(["--data-dir", str(root), *TINY, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-2].startswith("error: novalid") and "NOT USABLE: no decodable valid images at all" in err[-2] or \
@@ -398,7 +398,7 @@ def test_user_errors_are_one_line_before_any_work(tmp_path, capsys, monkeypatch,
         monkeypatch.setattr(run.tempfile, "TemporaryFile", full)
     else:
         argv += [case.split()[0], str(tmp_path / "afile")]
-    monkeypatch.setattr(run.feats, "cached_features", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(features, "cached_features", lambda *a, **k: pytest.fail("work started"))
     assert run.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
