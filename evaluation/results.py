@@ -10,10 +10,15 @@ import argparse
 import json
 import math
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .files import write_text_atomically
+
+HEARTBEAT_SECONDS = 60  # how stale the ledger of a sitting killed by SIGKILL can be
 
 if TYPE_CHECKING:  # config imports torch and the harness; results.py's own command loads them only when it runs
     from .config import RunConfig
@@ -382,16 +387,28 @@ def main(argv=None) -> int:
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else []
     if not args.report_only:
         # Each sitting is logged: their sum, from an empty results/ on, is the time a regeneration takes,
-        # however often it was resumed. A sitting killed too hard to log its end keeps seconds None.
+        # however often it was resumed. The entry is rewritten every minute, so a sitting killed too hard
+        # to log its end (SIGKILL, a machine going away) still counts to within a minute.
         before = _count_records(args.out)
         cache_dir = grid_configs()[0][1].cache_dir.expanduser()
         entry = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs_before": before,
                  "cache_entries_before": len(list(cache_dir.glob("*.pt"))) if cache_dir.is_dir() else 0}
         if before == 0:
             ledger = []  # an empty results/: a new regeneration starts
-        args.out.mkdir(parents=True, exist_ok=True)
-        ledger_path.write_text(json.dumps(ledger + [{**entry, "seconds": None, "finished": False}], indent=1) + "\n")
         start, code, finished = time.perf_counter(), 0, False
+        lock, stop = threading.Lock(), threading.Event()
+
+        def log(**fields) -> None:
+            with lock:
+                entry.update(seconds=round(time.perf_counter() - start), **fields)
+                write_text_atomically(ledger_path, json.dumps(ledger + [entry], indent=1) + "\n")
+
+        def heartbeat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                log(finished=False)
+
+        log(finished=False)
+        threading.Thread(target=heartbeat, daemon=True).start()
         try:
             for command in commands:
                 code = run.main(command)
@@ -399,9 +416,8 @@ def main(argv=None) -> int:
                     break
             finished = code == 0
         finally:
-            entry.update(seconds=round(time.perf_counter() - start), runs_after=_count_records(args.out),
-                         finished=finished)
-            ledger_path.write_text(json.dumps(ledger + [entry], indent=1) + "\n")
+            stop.set()
+            log(runs_after=_count_records(args.out), finished=finished)
         if code:
             return code
         ledger.append(entry)

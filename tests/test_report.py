@@ -490,6 +490,31 @@ def test_regeneration_sittings_are_logged_and_summed(tmp_path, monkeypatch):
     assert "2 sittings" in results.regeneration_time(resumed)
 
 
+def test_a_sitting_killed_without_warning_has_its_time_in_the_ledger(tmp_path, monkeypatch):
+    """SIGKILL skips every `finally`: the ledger, rewritten while the grid runs, still holds the sitting's time."""
+    import time
+    from evaluation import results, run
+
+    out = tmp_path / "results"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(results, "HEARTBEAT_SECONDS", 0.05)
+    seen = []
+
+    def fake_run(command):  # what a reader sees while the second command runs: a SIGKILL would leave just that
+        if seen:
+            return 0
+        time.sleep(1.1)
+        seen.append(json.loads((out / "regeneration_log.json").read_text()))
+        return 0
+
+    monkeypatch.setattr(run, "main", fake_run)
+    monkeypatch.setattr(results, "write_results_md", lambda *a: None)
+    assert results.main(["--out", str(out), "--results-md", str(tmp_path / "R.md")]) == 0
+    [entry] = seen[0]
+    assert entry["finished"] is False and entry["seconds"] >= 1
+    assert results.regeneration_time(seen[0]).startswith("No regeneration from an empty results/ has been timed")
+
+
 def test_regeneration_with_an_unlogged_sitting_is_not_timed():
     from evaluation import results
 
