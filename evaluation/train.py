@@ -56,14 +56,24 @@ class Classifier(nn.Module):
         self.neck = nn.Sequential(*layers)
         self.head = head
 
-    def forward(self, inputs: Tensor, target: Tensor | None = None, teacher_logits: Tensor | None = None) -> HeadOutput:
+    def head_inputs(self, inputs: Tensor, target: Tensor | None = None) -> Tensor:
+        """The features the head receives (after the backbone, standardising and the MLP)."""
         dtype = self.mean.dtype  # float64 for a model in double precision; inputs arrive as float32
         x = self.backbone(inputs.to(dtype)) if self.backbone is not None else inputs
         if self.context.distributed:
             if target is None:
                 raise ValueError("a model trained across processes needs the global batch's target to gather its rows")
             x = gather_rows(x, len(target), self.context)
-        return self.head(self.neck((x.to(dtype) - self.mean) / self.std), target, teacher_logits)
+        return self.neck((x.to(dtype) - self.mean) / self.std)
+
+    def embed(self, inputs: Tensor, target: Tensor | None = None) -> Tensor:
+        """The embedding to compare images by: the L2-normalised feature a margin loss acts on, or, for
+        losses on logits, the penultimate feature (the head's input) as it is."""
+        x = self.head_inputs(inputs, target)
+        return nn.functional.normalize(x, dim=1) if self.head.uses_margin else x
+
+    def forward(self, inputs: Tensor, target: Tensor | None = None, teacher_logits: Tensor | None = None) -> HeadOutput:
+        return self.head(self.head_inputs(inputs, target), target, teacher_logits)
 
 
 def build_classifier(loss: str, in_features: int, num_classes: int, class_counts: list[int], *, hidden: int,
