@@ -85,11 +85,11 @@ def plot_differences(runs: list[dict], comparison, dataset: str, plots_dir, back
     n_test = scores["n_test"].dropna()
     n = int(vs["n"].max())
     title = (f"{sel.context}: paired differences against {baseline} ({means.get(baseline, math.nan):.1f} %)\n"
-             f"mean and 95 % interval, {TEST_LABEL[sel.protocol]}; p Holm-adjusted over "
-             f"{_plural(len(losses), 'comparison')}\ngrey = single {sel.unit}s (n = {n})")
+             f"mean and 95 % interval, {TEST_LABEL[sel.protocol]}\n"
+             f"p Holm-adjusted over {_plural(len(losses), 'comparison')}; grey = single {sel.unit}s (n = {n})")
     if len(n_test):
         title += f"; one scored image = {resolution(n_test.min())}"
-    ax.set_title(title, fontsize=10.5)
+    fig.suptitle(title, fontsize=10.5)  # centred on the figure, not the axes, which the p-values offset
     path = sel.path(plots_dir, "differences")
     fig.savefig(path, dpi=DPI)
     return path
