@@ -193,7 +193,7 @@ def test_forest_plot_shows_differences_around_zero(monkeypatch, tmp_path):
     assert any(list(line.get_xdata()) == [0, 0] for line in ax.get_lines())  # the line at 0
     assert [t.get_text() for t in ax.get_yticklabels()][0].startswith("am_softmax")
     assert any(t.get_text().startswith("p_holm") for t in right.get_yticklabels())
-    assert "one scored image = 1.7 points" in ax.get_title()
+    assert "one scored image = 1.7 points" in drawn[0].get_suptitle()
     assert ax.get_xlim()[1] > 100 * (np.array(BETTER) - np.array(BASE)).max() / 60
 
 
