@@ -7,6 +7,12 @@ flip and mild colour jitter. Both return uint8; ``normalise`` turns them into th
 backbone's float input. ``cached_features`` computes the frozen backbone's pooled
 features once per image and view and keeps them on disk, so every loss trains on
 the same features and later runs skip decoding and extraction.
+
+The cache is per image, not per list of images: an image's augmented views are drawn
+from a generator seeded by (view seed, the image's sha256, view index), so its features
+do not depend on which other images are extracted with it. Every protocol, fold, train
+fraction and de-duplicated variant of a dataset then reads the same cached rows, and
+only images never seen before are decoded and extracted.
 """
 
 from __future__ import annotations
@@ -26,12 +32,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from evaluation.backbones import Backbone
-from evaluation.images import load_images
+from evaluation.images import file_sha256, load_images
 from evaluation.files import WriteError, write_atomically
 
-# Bump whenever eval_view/train_view/normalise change what they produce: it is part
-# of the cache key, so stale features are never reused.
-TRANSFORM_VERSION = 1
+# Bump whenever eval_view/train_view/normalise or the drawing of views change what they
+# produce: it is part of the cache key, so stale features are never reused.
+TRANSFORM_VERSION = 2
 
 # Weather scenes lose their meaning in small crops, hence the large minimum scale.
 CROP_SCALE = (0.5, 1.0)
@@ -150,6 +156,12 @@ def train_view(images_uint8: Tensor, size: int, generator: torch.Generator) -> T
     return out
 
 
+def view_generator(seed: int, image_key: str, view: int) -> torch.Generator:
+    """The generator that draws view ``view`` of the image whose sha256 is ``image_key`` for view seed ``seed``."""
+    digest = hashlib.sha256(f"{seed}/{image_key}/{view}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 def extract(
     backbone: Backbone,
     images_uint8: Tensor,
@@ -164,8 +176,13 @@ def extract(
     desc: str = "",
     image_size: int | None = None,
     part: str = "pooled",
+    image_keys: list[str] | None = None,
 ) -> Tensor:
     """Pooled features, float32 (views, N, num_features), of eval views or `views` augmented views.
+
+    With ``image_keys`` (one per image, e.g. its sha256) each augmented view is drawn by
+    ``view_generator(seed, key, view)``, so an image's views do not depend on the other
+    images; without them one generator seeded by ``seed`` draws the views image by image.
 
     part "trunk" gives instead the output of the backbone's trunk (``Backbone.split``),
     float32 (views, N, C, H, W): what fine-tuning of the last stages starts from.
@@ -184,6 +201,8 @@ def extract(
         raise ValueError(f"views={views} without augment would compute {views} identical copies; pass augment=True or views=1")
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    if image_keys is not None and len(image_keys) != len(images_uint8):
+        raise ValueError(f"image_keys has {len(image_keys)} keys for {len(images_uint8)} images")
     size = image_size or backbone.input_size
     bf16 = precision == "bf16"
     device_type = torch.device(device).type
@@ -203,7 +222,11 @@ def extract(
             for v in range(views):
                 for start in range(0, n, batch_size):
                     batch = images_uint8[start : start + batch_size].to(device)
-                    batch = train_view(batch, size, generator) if augment else eval_view(batch, size)
+                    if augment and image_keys is not None:
+                        batch = torch.cat([train_view(batch[j : j + 1], size, view_generator(seed, key, v))
+                                           for j, key in enumerate(image_keys[start : start + len(batch)])])
+                    else:
+                        batch = train_view(batch, size, generator) if augment else eval_view(batch, size)
                     x = normalise(batch, backbone).contiguous(memory_format=memory_format)
                     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
                         y = net(x)
@@ -230,8 +253,6 @@ class FeatureSet:
 
 def cache_key(
     backbone: Backbone,
-    splits,
-    split: str,
     *,
     views: int,
     augment: bool,
@@ -241,42 +262,52 @@ def cache_key(
     precision: str,
     part: str = "pooled",
 ) -> str:
-    """sha256 of everything that determines the cached features."""
+    """sha256 of everything, apart from the image itself, that determines an image's cached features."""
     fields = {
         "backbone": backbone.name,
         "weights_hash": backbone.weights_hash,
-        "dataset": splits.fingerprint(),
-        "split": split,
         "views": views,
         "augment": augment,
-        # Eval views are not random: every seed shares one valid-set cache entry.
+        # Eval views are not random: every seed shares one cache entry per image.
         "seed": seed if augment else 0,
         "image_size": image_size,
         "decode_size": decode_size,
         "precision": precision,
+        "part": part,
         "transform_version": TRANSFORM_VERSION,
     }
-    if part != "pooled":  # pooled keys stay as they were, so existing caches remain valid
-        fields["part"] = part
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _read_cache(path: Path, key: str, backbone: Backbone, views: int, part: str):
-    """The cached entry at `path`, or None (with a warning) when it is unusable."""
+def _read_shard(path: Path, key: str, backbone: Backbone, views: int, part: str):
+    """The shard at `path` (features memory-mapped, so only the rows used are read), or None (with a warning)."""
     try:
-        entry = torch.load(path, map_location="cpu", weights_only=True)
-        features, labels, paths = entry["features"], entry["labels"], entry["paths"]
+        entry = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        features, images = entry["features"], entry["images"]
         if entry["key"] != key:
-            raise ValueError("its key does not match its file name")
-        n = len(labels)
+            raise ValueError("its key does not match its folder")
+        n = len(images)
         width = (backbone.num_features,) if part == "pooled" else tuple(features.shape[2:])
-        if (features.dtype != torch.float32 or tuple(features.shape) != (views, n, *width) or len(paths) != n
+        if (features.dtype != torch.float32 or tuple(features.shape) != (views, n, *width)
                 or (part == "trunk" and features.dim() != 5)):
             raise ValueError(f"features {tuple(features.shape)} do not fit {views} views of {n} images")
         return entry
     except Exception as exc:  # truncated writes, foreign files, older formats: all are just recomputed
-        warnings.warn(f"feature cache file {path} is unusable ({type(exc).__name__}: {exc}); recomputing it")
+        warnings.warn(f"feature cache file {path} is unusable ({type(exc).__name__}: {exc}); recomputing its images")
         return None
+
+
+def _content_key(path) -> str:
+    try:
+        return file_sha256(path)
+    except OSError:  # unreadable: load_images reports it; the key only has to be distinct
+        return f"unreadable:{path}"
+
+
+def cache_folder(cache_dir, backbone: Backbone, key: str, *, views: int, augment: bool, part: str) -> Path:
+    """Where the shards of one cache key live: one folder per backbone, part, views and key."""
+    stem = backbone.name if part == "pooled" else f"{backbone.name}-{part}"
+    return Path(cache_dir) / f"{stem}_{'aug' if augment else 'eval'}{views}_{key[:16]}"
 
 
 def cached_features(
@@ -296,58 +327,63 @@ def cached_features(
     part: str = "pooled",
     workers: int = 2,
 ) -> FeatureSet:
-    """Features of `split` ("train" or "valid") of `splits`, from the cache in `cache_dir` or computed and stored there.
+    """Features of `split` ("train" or "valid") of `splits`, read from the cache in `cache_dir` where it has them.
 
-    On a cache hit nothing is decoded or run through the backbone. The precision
-    used ("auto" resolved) is in the result's ``precision``. A cache that cannot be
-    written (full disk, read-only folder) costs only the reuse: the features computed
-    are returned all the same, with a warning.
+    The cache holds features per image (by its sha256) in shards: images it lacks are decoded,
+    extracted and stored as one new shard; when it has every image nothing is decoded or run
+    through the backbone (``cache_hit``). The precision used ("auto" resolved) is in the
+    result's ``precision``. A cache that cannot be written (full disk, read-only folder) costs
+    only the reuse: the features computed are returned all the same, with a warning.
     """
     if split not in ("train", "valid"):
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
     precision = resolve_precision(precision, device)  # the key names what actually ran
-    key = cache_key(
-        backbone, splits, split, views=views, augment=augment, seed=seed,
-        image_size=image_size, decode_size=decode_size, precision=precision, part=part,
-    )
-    cache_dir = Path(cache_dir)
-    dataset = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(splits.name))
-    stem = backbone.name if part == "pooled" else f"{backbone.name}-{part}"
-    path = cache_dir / f"{dataset}_{split}_{stem}_{'aug' if augment else 'eval'}{views}_{key[:16]}.pt"
+    key = cache_key(backbone, views=views, augment=augment, seed=seed, image_size=image_size,
+                    decode_size=decode_size, precision=precision, part=part)
+    folder = cache_folder(cache_dir, backbone, key, views=views, augment=augment, part=part)
+    samples = splits.train if split == "train" else splits.valid
+    image_keys = [s.sha256 or _content_key(s.path) for s in samples]
     seconds = {"decode": 0.0, "extract": 0.0, "load_cache": 0.0}
 
-    if path.exists():
-        start = time.perf_counter()
-        entry = _read_cache(path, key, backbone, views, part)
-        seconds["load_cache"] = time.perf_counter() - start
+    start = time.perf_counter()
+    found: dict[str, tuple[Tensor, int]] = {}  # image key -> (the shard's features, row)
+    for path in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+        entry = _read_shard(path, key, backbone, views, part)
         if entry is not None:
-            return FeatureSet(
-                features=entry["features"], labels=entry["labels"], paths=list(entry["paths"]),
-                bad_files=list(entry["bad_files"]), cache_hit=True, seconds=seconds, precision=precision,
-            )
+            found.update((k, (entry["features"], row)) for row, k in enumerate(entry["images"]))
+    seconds["load_cache"] = time.perf_counter() - start if found else 0.0
 
-    samples = splits.train if split == "train" else splits.valid
-    start = time.perf_counter()
-    images, ok, failed = load_images(samples, decode_size, workers=workers, progress=progress)
-    seconds["decode"] = time.perf_counter() - start
-    labels = torch.tensor([samples[i].label for i in ok], dtype=torch.int64)
-    paths = [str(samples[i].path) for i in ok]
-    bad_files = [str(p) for p in failed]
+    missing = sorted({k for k in image_keys if k not in found})
+    bad_files: list[str] = []
+    if missing:
+        todo = [next(s for s, k in zip(samples, image_keys) if k == m) for m in missing]
+        start = time.perf_counter()
+        images, ok, failed = load_images(todo, decode_size, workers=workers, progress=progress)
+        seconds["decode"] = time.perf_counter() - start
+        decoded = set(ok)
+        failed_keys = {k for i, k in enumerate(missing) if i not in decoded}
+        bad_files = [str(s.path) for s, k in zip(samples, image_keys) if k in failed_keys]
+        new_keys = [missing[i] for i in ok]
+        start = time.perf_counter()
+        new = extract(backbone, images, views=views, augment=augment, seed=seed, device=device, precision=precision,
+                      progress=progress, desc=f"{splits.name}/{split} {folder.name.split('_')[0]}",
+                      image_size=image_size, part=part, image_keys=new_keys)
+        seconds["extract"] = time.perf_counter() - start
+        found.update((k, (new, row)) for row, k in enumerate(new_keys))
+        if new_keys:
+            shard = folder / f"{hashlib.sha256(' '.join(new_keys).encode()).hexdigest()[:16]}.pt"
+            entry = {"key": key, "images": new_keys, "features": new}
+            try:
+                write_atomically(shard, lambda tmp: torch.save(entry, tmp))
+            except WriteError as exc:
+                warnings.warn(f"the features are not cached: {exc}. This run uses them all the same; the next one "
+                              f"computes them again")
 
-    start = time.perf_counter()
-    features = extract(
-        backbone, images, views=views, augment=augment, seed=seed, device=device, precision=precision,
-        progress=progress, desc=f"{splits.name}/{split} {stem}", image_size=image_size, part=part,
-    )
-    seconds["extract"] = time.perf_counter() - start
-
-    entry = {"key": key, "features": features, "labels": labels, "paths": paths, "bad_files": bad_files}
-    try:
-        write_atomically(path, lambda tmp: torch.save(entry, tmp))
-    except WriteError as exc:
-        warnings.warn(f"the features are not cached: {exc}. This run uses them all the same; the next one "
-                      f"computes them again")
+    kept = [i for i, k in enumerate(image_keys) if k in found]
+    features = torch.stack([found[image_keys[i]][0][:, found[image_keys[i]][1]] for i in kept], dim=1) if kept else \
+        torch.empty((views, 0, backbone.num_features), dtype=torch.float32)
     return FeatureSet(
-        features=features, labels=labels, paths=paths, bad_files=bad_files, cache_hit=False, seconds=seconds,
-        precision=precision,
+        features=features, labels=torch.tensor([samples[i].label for i in kept], dtype=torch.int64),
+        paths=[str(samples[i].path) for i in kept], bad_files=bad_files, cache_hit=not missing,
+        seconds=seconds, precision=precision,
     )

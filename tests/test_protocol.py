@@ -161,10 +161,16 @@ def test_a_seed_redraws_the_augmented_views_it_trains_on(tmp_path):
     cache = tmp_path / "cache"
     assert run.main(["--data-dir", str(root), *TINY, "--losses", "hinge", "--seeds", "0,1", "--views", "2",
                      "--out", str(tmp_path / "out"), "--cache-dir", str(cache)]) == 0
-    augmented = sorted(cache.glob("tiny_train_*_aug2_*.pt"))
+    augmented = sorted(cache.glob("efficientnet_lite0_aug2_*"))
     assert len(augmented) == 2  # one set of views per seed
-    first, second = (torch.load(p, weights_only=True)["features"] for p in augmented)
-    assert first.shape == second.shape and not torch.allclose(first, second)
+
+    def views_by_image(folder):
+        shards = [torch.load(p, weights_only=True) for p in folder.glob("*.pt")]
+        return {k: s["features"][:, row] for s in shards for row, k in enumerate(s["images"])}
+
+    first, second = (views_by_image(folder) for folder in augmented)
+    assert first.keys() == second.keys() and len(first) > 0
+    assert all(first[k].shape == second[k].shape and not torch.allclose(first[k], second[k]) for k in first)
 
 
 def test_the_search_spends_the_same_trials_on_every_loss_and_resumes(tmp_path):

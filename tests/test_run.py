@@ -180,8 +180,9 @@ def test_finetune_mode_trains_the_last_stages(tmp_path):
     teacher = torch.load(out / "runs/tiny/efficientnet_lite0-finetune/cross_entropy/seed0-frac1.pt", weights_only=True)
     tail = backbones.create_backbone("efficientnet_lite0").split()[1]
     assert {f"backbone.{k}" for k in tail.state_dict()} <= set(teacher) and "head.weight" in teacher
-    assert [p.name.split("_")[1:4] for p in sorted((tmp_path / "cache").glob("*.pt"))] == [
-        ["train", "efficientnet", "lite0-trunk"], ["valid", "efficientnet", "lite0-trunk"]]
+    # per image: the augmented train views of seed 0 (5 views, the default) and the eval views
+    assert sorted(p.name.split("_")[:3] for p in (tmp_path / "cache").iterdir() if p.is_dir()) == [
+        ["efficientnet", "lite0-trunk", "aug5"], ["efficientnet", "lite0-trunk", "eval1"]]
 
 
 @pytest.mark.parametrize(
