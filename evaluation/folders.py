@@ -127,7 +127,7 @@ def list_files(folder: pathlib.Path) -> list[pathlib.Path]:
 # ---------------------------------------------------------------------------
 # A user's own folder
 
-def _canonical_class(raw: str) -> str:
+def canonical_class(raw: str) -> str:
     """Lower case, runs of anything but letters and digits (of any script) as one "_": 'Crème Brûlée' -> 'crème_brûlée'."""
     text = unicodedata.normalize("NFC", raw).strip().casefold()
     return re.sub(r"[\W_]+", "_", text).strip("_")
@@ -226,7 +226,7 @@ def scan_user_dir(data_dir, split_seed: int) -> Scan:
     for split in SPLITS:
         by_class = defaultdict(list)
         for raw in per_split[split]:
-            c = _canonical_class(raw)
+            c = canonical_class(raw)
             if not c:
                 raise DatasetError(f"--data-dir {root}: the class folder name '{raw}' has no letters "
                                    f"or digits; rename it.")
