@@ -150,6 +150,9 @@ class RunConfig:
         "results folder (results/ holds what RESULTS.md is built from, and only evaluation.results writes there)", "run"))
     plots: Path | None = field(default=None, metadata=_option("plots folder", "run", shown_default="OUT/plots"))
     cache_dir: Path = field(default=Path("~/.cache/lossbank/features"), metadata=_option("feature cache", "run"))
+    save_model: bool = field(default=False, metadata=_option(
+        "also write each finished run's model, for python -m evaluation.predict (not part of a run's identity: a "
+        "finished run without its model is trained again)", "run"))
     workers: int = field(default=2, metadata=_option("processes decoding images", "run"))
     no_progress: bool = field(default=False, metadata=_option("no progress bars", "run"))
     shard: str = field(default="0/1", metadata=_option(

@@ -5,6 +5,7 @@ uint8 tensor with worker processes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import mmap
@@ -73,19 +74,33 @@ def decode_image(path, size: int | None = None) -> Image.Image:
     Raises ImageDecodeError naming the file if it cannot be decoded.
     """
     path = pathlib.Path(path)
+    advice = "Replace it with a good copy or delete it."
     try:
         if path.is_symlink() and not path.exists():
             raise ImageDecodeError(f"cannot decode image {path}: it is a broken symbolic link (to "
                                    f"{os.readlink(path)}). Point it at the image or delete it.")
         if path.stat().st_size == 0:
-            raise ImageDecodeError(f"cannot decode image {path}: the file is empty (0 bytes). "
-                                   f"Replace it with a good copy or delete it.")
+            raise ImageDecodeError(f"cannot decode image {path}: the file is empty (0 bytes). {advice}")
+    except OSError as e:
+        raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}. {advice}") from e
+    return _decode(lambda: Image.open(path), str(path), size, advice)
+
+
+def _decode(open_image, name: str, size: int | None, advice: str, max_pixels: int | None = None) -> Image.Image:
+    """What decode_image does once the source is open: the one decoder for files and for bytes.
+
+    ``max_pixels`` refuses a larger image from its header, before its pixels are decoded.
+    """
+    try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = open_image()
         for w in caught:  # PIL's own warning does not say which file
-            warnings.warn(f"{path}: {w.message}", w.category, stacklevel=2)
+            warnings.warn(f"{name}: {w.message}", w.category, stacklevel=3)
         with im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImageDecodeError(f"cannot decode image {name}: it is {im.width}x{im.height} pixels, more than "
+                                       f"the {max_pixels} allowed; send a smaller image")
             if size is not None and im.format == "JPEG":
                 im.draft(None, (size, size))
             im.load()
@@ -103,8 +118,34 @@ def decode_image(path, size: int | None = None) -> Image.Image:
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises many types for bad files; all mean "unusable"
-        raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}. "
-                               f"Replace it with a good copy or delete it.") from e
+        raise ImageDecodeError(f"cannot decode image {name}: {type(e).__name__}: {e}. {advice}") from e
+
+
+def squared(im: Image.Image, size: int) -> np.ndarray:
+    """The whole photo squashed to size x size, no crop, as uint8 (3, size, size): what every image becomes.
+
+    Nothing is cropped because in whole-scene classes (sky, X-ray) the edges carry the class as much as the centre.
+    """
+    return np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def decode_square(path, size: int) -> np.ndarray:
+    """The image file at path as the harness feeds it to a network: ``squared(decode_image(path, size), size)``."""
+    return squared(decode_image(path, size), size)
+
+
+def decode_image_bytes(data: bytes, max_pixels: int = 64_000_000, *, size: int, name: str) -> torch.Tensor:
+    """An image file's bytes (``name`` says where they came from, for messages) as the harness decodes a file of
+    them: RGB squashed to size x size, a uint8 tensor (3, size, size).
+
+    Images over ``max_pixels`` are refused from their header, before their pixels are decoded; anything that is
+    not a decodable image raises ImageDecodeError naming ``name``.
+    """
+    advice = "Send an image file (JPEG, PNG, GIF, BMP, TIFF or WebP)."
+    if not data:
+        raise ImageDecodeError(f"cannot decode image {name}: it is empty (0 bytes). {advice}")
+    im = _decode(lambda: Image.open(io.BytesIO(data)), name, size, advice, max_pixels)
+    return torch.from_numpy(squared(im, size).copy())
 
 
 # ---------------------------------------------------------------------------
@@ -205,13 +246,9 @@ def _decode_into_out(job):
     with warnings.catch_warnings(record=True) as caught:  # returned: a worker's own warnings would be lost
         warnings.simplefilter("always")
         try:
-            im = decode_image(path, size)
+            _OUT[index] = decode_square(path, size)
         except ImageDecodeError as e:
             return index, str(e), [(str(w.message), w.category) for w in caught]
-    # The whole photo squashed to a square, no crop: in whole-scene classes (sky,
-    # X-ray) the edges carry the class as much as the centre.
-    im = im.resize((size, size), Image.BILINEAR)
-    _OUT[index] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     return index, None, [(str(w.message), w.category) for w in caught]
 
 

@@ -81,6 +81,22 @@ def model_path(out: Path, key: dict) -> Path:
     return record_path(out, key).with_suffix(".pt")
 
 
+def saved_model_path(out: Path, key: dict) -> Path:
+    """The self-contained model of a finished run (--save-model; evaluation/saved_model.py), beside its record."""
+    return record_path(out, key).with_suffix(".model.pt")
+
+
+def is_finished(out: Path, key: dict, want_model: bool) -> bool:
+    """Whether the run of ``key`` need not be trained: its record is there, and so is its model when one is wanted
+    (a failed run has none to want)."""
+    path = record_path(out, key)
+    if not path.exists():
+        return False
+    if not want_model or saved_model_path(out, key).exists():
+        return True
+    return read_record(path).get("status") != "ok"
+
+
 def config_path(out: Path, dataset: str, backbone: str, mode: str, protocol: str = "split") -> Path:
     """The resolved configuration of the last command that trained runs of (dataset, backbone, mode), beside them."""
     return run_folder(out, dataset, backbone, mode, protocol) / "config.yaml"

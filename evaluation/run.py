@@ -33,6 +33,7 @@ from .distributed import Context
 from .files import WriteError, write_json_atomically, write_text_atomically
 from . import protocol
 from .inputs import DatasetInputs, dataset_units
+from . import saved_model
 from . import search
 from . import train
 from .train import frozen_copy
@@ -51,6 +52,9 @@ examples:
   torchrun --standalone --nproc-per-node=4 -m evaluation.run --dataset weather --backbone efficientnet_lite0 --mode finetune
   # settings from a YAML file (keys as the options, e.g. "losses: [cross_entropy, hinge]"); flags override it
   python -m evaluation.run --config configs/fruits-quick.yaml --seeds 0,1
+  # also save each run's model, then classify images with one
+  python -m evaluation.run --dataset fruits --backbone efficientnet_lite0 --losses am_softmax --save-model
+  python -m evaluation.predict --model out/runs/fruits/efficientnet_lite0-frozen/am_softmax/seed0-frac1.model.pt photo.jpg
   # your own images: DIR/train/<class>/*, DIR/valid/<class>/*  (or DIR/<class>/* with a seeded 80/20 split)
   python -m evaluation.run --data-dir ~/my_images --backbone efficientnet_lite0
 """
@@ -132,7 +136,9 @@ def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.B
 
             # Across processes every one must make the same choices: the main process looks at
             # the disk (which other nodes may not share) and tells the others what it found.
-            on_disk = {loss: records.record_path(config.out, key_of(loss)).exists() for loss in [*losses, config.teacher]}
+            # With --save-model a finished run whose model is missing is trained again, to write it.
+            on_disk = {loss: records.is_finished(config.out, key_of(loss), config.save_model)
+                       for loss in [*losses, config.teacher]}
             teacher_saved = records.model_path(config.out, key_of(config.teacher)).exists()
             on_disk, teacher_saved = distributed.from_main((on_disk, teacher_saved), ctx)
             teacher_needed = "distillation" in losses and not on_disk["distillation"]
@@ -161,12 +167,23 @@ def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.B
                 record, model = train_run(job, given, splits, backbone, key, sig,
                                           teacher=teacher_model if loss == "distillation" else None)
                 if recorded and ctx.main:
+                    if config.save_model and record["status"] == "ok":  # before the record: it never lacks its model
+                        save_run_model(config, backbone, key, record, model)
                     records.write_record(record, config.out)
                     (tqdm.write if job.progress else print)(_summary_line(key, record))
                 if is_teacher and record["status"] == "ok":
                     teacher_model = frozen_copy(model)
                     if ctx.main:
                         records.save_model(teacher_model, config.out, key)
+
+
+def save_run_model(config, backbone, key: dict, record: dict, model) -> None:
+    final = record["final"]
+    saved_model.save_model(records.saved_model_path(config.out, key), model, backbone=backbone, config=config,
+                           key=key, classes=record["classes"], class_counts=record["train_class_counts"],
+                           loss_kwargs=record["config"]["loss_args"],
+                           valid={"top1": final["valid_top1"], "top3": final["valid_top3"],
+                                  "macro_f1": final["valid_macro_f1"], "images": record["num_valid"]})
 
 
 def load_teacher(job: Job, run_data: train.RunData, num_classes: int, backbone, key: dict):

@@ -69,8 +69,15 @@ class Classifier(nn.Module):
     def embed(self, inputs: Tensor, target: Tensor | None = None) -> Tensor:
         """The embedding to compare images by: the L2-normalised feature a margin loss acts on, or, for
         losses on logits, the penultimate feature (the head's input) as it is."""
-        x = self.head_inputs(inputs, target)
-        return nn.functional.normalize(x, dim=1) if self.head.uses_margin else x
+        return self._embedding(self.head_inputs(inputs, target))
+
+    def logits_and_embedding(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Margin-free logits and ``embed``'s embedding, from one pass through the network."""
+        x = self.head_inputs(inputs)
+        return self.head(x).logits, self._embedding(x)
+
+    def _embedding(self, head_inputs: Tensor) -> Tensor:
+        return nn.functional.normalize(head_inputs, dim=1) if self.head.uses_margin else head_inputs
 
     def forward(self, inputs: Tensor, target: Tensor | None = None, teacher_logits: Tensor | None = None) -> HeadOutput:
         return self.head(self.head_inputs(inputs, target), target, teacher_logits)
