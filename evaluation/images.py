@@ -28,6 +28,10 @@ class ImageDecodeError(DatasetError):
     """One image file cannot be decoded; the message names the file."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image has more pixels than allowed (refused from its header); a server answers it 413, not 400."""
+
+
 # ---------------------------------------------------------------------------
 # Decoding
 
@@ -99,7 +103,7 @@ def _decode(open_image, name: str, size: int | None, advice: str, max_pixels: in
             warnings.warn(f"{name}: {w.message}", w.category, stacklevel=3)
         with im:
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ImageDecodeError(f"cannot decode image {name}: it is {im.width}x{im.height} pixels, more than "
+                raise ImageTooLargeError(f"cannot decode image {name}: it is {im.width}x{im.height} pixels, more than "
                                        f"the {max_pixels} allowed; send a smaller image")
             if size is not None and im.format == "JPEG":
                 im.draft(None, (size, size))

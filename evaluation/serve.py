@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import folders
 from .files import WriteError, write_atomically
-from .images import ImageDecodeError
+from .images import ImageDecodeError, ImageTooLargeError, decode_image_bytes
 
 FIELD = "image"  # the multipart field the image comes in
 TOP = 3  # classes /predict answers
@@ -225,10 +225,11 @@ def _index_key(model_hash: str, listing: list) -> str:
 
 def build_index(model, root, *, backend: str = "exact", cache_dir=DEFAULT_CACHE_DIR, labels: dict | None = None,
                 progress: bool = False) -> ImageIndex:
-    """The index of every image under ``root``, each named by its path relative to it.
+    """The index of every image under ``root`` (or of the images ``labels`` names), each named by its path relative
+    to root.
 
-    An image's class is given by ``labels`` (relative path -> class, e.g. the training split's), else by a folder
-    on its path (``folder_class``), else it is the model's prediction. The embeddings are kept in ``cache_dir``
+    An image's class is given by ``labels`` (relative path -> class: a training split's), else by a folder on its
+    path (``folder_class``), else it is the model's prediction. The embeddings are kept in ``cache_dir``
     under the model's hash and the folder's listing (paths, sizes, modification times), so a restart on the same
     files embeds nothing.
     """
@@ -236,10 +237,14 @@ def build_index(model, root, *, backend: str = "exact", cache_dir=DEFAULT_CACHE_
     root = pathlib.Path(root).expanduser().absolute()
     if not root.is_dir():
         raise ServeError(400, f"--index {root} is not a folder; give a folder of images (class folders or not)")
-    paths = _images_under(root)
+    if labels is not None:
+        rels = sorted(labels, key=folders.natural_key)
+        paths = [root / rel for rel in rels]
+    else:
+        paths = _images_under(root)
+        rels = [folders.relative(p, root) for p in paths]
     if not paths:
         raise ServeError(400, f"--index {root} holds no images (files ending in {', '.join(folders.IMAGE_EXTENSIONS)})")
-    rels = [folders.relative(p, root) for p in paths]
     listing = []
     for rel, p in zip(rels, paths):
         st = p.stat()
@@ -383,9 +388,12 @@ def create_app(model, index: ImageIndex | None = None, *, index_problem: str = "
         if not data:
             raise ServeError(400, f"the file '{name}' in the field '{FIELD}' is empty (0 bytes); send an image")
         try:
-            return model.decode(data, name, max_pixels=max_pixels)
+            # As SavedModel.decode decodes, with this server's pixel limit.
+            return decode_image_bytes(data, max_pixels, size=model.decode_size, name=name)
+        except ImageTooLargeError as exc:
+            raise ServeError(413, str(exc)) from None
         except ImageDecodeError as exc:
-            raise ServeError(413 if getattr(exc, "too_large", False) else 400, str(exc)) from None
+            raise ServeError(400, str(exc)) from None
 
     async def read_image(request: Request) -> Tensor:
         kind = request.headers.get("content-type", "")
@@ -503,17 +511,19 @@ def _check_args(parser, args) -> None:
 
 
 def training_index_folder(model):
-    """(folder, {relative path: class}) of the model's training images when they are on this machine, else
-    (None, why not)."""
+    """(folder, {relative path: class}) of the training images of a model trained on a named dataset, when they are
+    on this machine (under $LOSSBANK_DATA, as the harness finds them), else (None, why not)."""
     from . import data
 
-    dataset = model.metadata.get("dataset") or {}
+    name = str(model.metadata.get("dataset", "")).removesuffix("-dedup")
+    if name not in data.DATASETS:
+        return None, (f"no index: the model was trained on {name or 'a dataset it does not name'}, not a named "
+                      f"dataset whose images this server can find; start it with --index FOLDER")
     try:
-        splits = data.load_dataset(dataset.get("name") if not dataset.get("data_dir") else None,
-                                   data_dir=dataset.get("data_dir"), split_seed=dataset.get("split_seed", 0))
-    except Exception as exc:
-        return None, (f"no index: the model's training images are not available here ({exc}); "
-                      f"start the server with --index FOLDER")
+        splits = data.load_dataset(name)
+    except data.DatasetError as exc:
+        return None, (f"no index: the model's training images ({name}) are not available here "
+                      f"({str(exc).splitlines()[0]}); start the server with --index FOLDER")
     root = pathlib.Path(splits.root)
     return root, {folders.relative(pathlib.Path(s.path), root): splits.classes[s.label] for s in splits.train}
 
