@@ -72,7 +72,8 @@ class Batcher:
 
     ``run`` takes a uint8 tensor (N, 3, S, S) and returns tensors whose rows answer the images
     in order. The queue is bounded: a request that finds it full is refused (503) at once
-    instead of waiting behind minutes of work.
+    instead of waiting behind minutes of work. A batch waits (up to max_wait) for more images only
+    while requests are on their way (``coming``: being read and decoded), so a lone request never waits.
     """
 
     def __init__(self, run, *, max_batch: int = 16, max_wait_ms: float = 2.0, queue_size: int = 64):
@@ -81,8 +82,20 @@ class Batcher:
         self._queue: queue.Queue = queue.Queue(queue_size)
         self._lock = threading.Lock()
         self.batch_sizes: Counter = Counter()  # batch size -> how many batches of that size ran
+        self._coming = 0  # requests being read and decoded, whose images will be submitted soon
         self._thread = threading.Thread(target=self._loop, name="lossbank-model", daemon=True)
         self._thread.start()
+
+    @contextlib.contextmanager
+    def coming(self):
+        """Around reading and decoding a request: while it lasts, a batch about to run waits for its image."""
+        with self._lock:
+            self._coming += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._coming -= 1
 
     def submit(self, image: Tensor) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -106,8 +119,8 @@ class Batcher:
                 "batch_sizes": {str(size): n for size, n in sizes.items()}}
 
     def _take(self) -> list | None:
-        """The next batch: the first queued item (waiting for it), everything else already queued, and what
-        arrives within max_wait of the first, up to max_batch. None when closed."""
+        """The next batch: the first queued item (waiting for it), everything else already queued, and, while
+        requests are coming, what arrives within max_wait of the first; up to max_batch. None when closed."""
         first = self._queue.get()
         if first is None:
             return None
@@ -118,7 +131,7 @@ class Batcher:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or not self._coming:
                     break
                 try:
                     item = self._queue.get(timeout=remaining)
@@ -418,8 +431,10 @@ def create_app(model, index: ImageIndex | None = None, *, index_problem: str = "
 
     @app.post("/predict")
     async def predict(request: Request):
-        image = await read_image(request)
-        probs, _ = await asyncio.wrap_future(batcher.submit(image))
+        with batcher.coming():
+            image = await read_image(request)
+        future = batcher.submit(image)
+        probs, _ = await asyncio.wrap_future(future)
         top = probs.float().topk(min(TOP, len(classes)))
         return {"predictions": [{"class": classes[i], "probability": round(p, 6)}
                                 for p, i in zip(top.values.tolist(), top.indices.tolist())]}
@@ -431,8 +446,10 @@ def create_app(model, index: ImageIndex | None = None, *, index_problem: str = "
         text = request.query_params.get("k", "5")
         if not text.isdigit() or not 1 <= int(text) <= MAX_K:
             raise ServeError(422, f"k must be a whole number from 1 to {MAX_K}, got '{text}'")
-        image = await read_image(request)
-        _, embedding = await asyncio.wrap_future(batcher.submit(image))
+        with batcher.coming():
+            image = await read_image(request)
+        future = batcher.submit(image)
+        _, embedding = await asyncio.wrap_future(future)
         found = await run_in_threadpool(index.search, embedding, int(text))
         return {"neighbours": [{"image": index.names[row], "class": index.classes[row],
                                 "class_from": index.class_sources[row], "distance": round(distance, 6)}
