@@ -157,6 +157,14 @@ def _image_bytes(size, fmt="PNG", mode="RGB") -> bytes:
     return out.getvalue()
 
 
+def _streamed_upload(size: int):
+    """A multipart upload of ``size`` bytes sent in chunks, without a Content-Length: the limit must count them."""
+    yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n\r\n'
+    for _ in range(size // (64 << 10)):
+        yield os.urandom(64 << 10)
+    yield b"\r\n--b--\r\n"
+
+
 def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(trained, servers):
     _, images = trained
     exact, _ = servers
@@ -170,6 +178,8 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
         (lambda: httpx.post(f"{exact.url}/predict", content=good, headers={"content-type": "image/png"}), 415,
          "multipart/form-data"),
         (lambda: exact.post("/predict", os.urandom(3 << 20)), 413, "limit of 2097152 bytes"),
+        (lambda: httpx.post(f"{exact.url}/predict", content=_streamed_upload(3 << 20), timeout=60,
+                            headers={"content-type": "multipart/form-data; boundary=b"}), 413, "at least"),
         (lambda: exact.post("/similar?k=many", good), 422, "k must be"),
         (lambda: httpx.get(f"{exact.url}/predict"), 405, "POST /predict"),
     ]
