@@ -199,10 +199,8 @@ class ImageIndex:
         if self.backend not in BACKENDS:
             raise ValueError(f"index backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "faiss":
-            try:
-                import faiss
-            except ImportError:
-                raise ServeError(500, "--index-backend faiss needs the faiss-cpu package: pip install faiss-cpu") from None
+            import faiss  # the command line checks it is installed (_check_args)
+
             index = faiss.IndexHNSWFlat(self.embeddings.shape[1], HNSW_LINKS)
             index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
             index.add(self.embeddings.numpy())
@@ -525,6 +523,11 @@ def _check_args(parser, args) -> None:
         parser.error(f"--port must be from 0 to 65535, got {args.port}")
     if not args.max_wait_ms >= 0:
         parser.error(f"--max-wait-ms must be 0 or more, got {args.max_wait_ms}")
+    if args.index_backend == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            parser.error("--index-backend faiss needs the faiss-cpu package: pip install faiss-cpu (or the eval extra)")
 
 
 def training_index_folder(model):
@@ -579,7 +582,8 @@ def app_from_environment():
     """One of --workers server processes: the app of the command line main() left in the environment (the index
     comes from the cache main() filled)."""
     args = build_parser().parse_args(json.loads(os.environ[ARGV_ENV]))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    # Processes share the cores: never more threads each than their share (nor than OMP_NUM_THREADS allows).
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // args.workers)))
     return _app(args, *load_served(args, progress=False))
 
 
