@@ -16,7 +16,11 @@ Fields of a record (version ``RECORD_VERSION``)::
     history                          one dict per epoch: train loss/top-1, valid_* on the scored images,
                                      inner_* on the inner validation part that chose the epoch (if any)
     final                            the last epoch's valid_top1/top3/macro_f1/loss and confusion
-                                     (rows = true class, columns = predicted) on the scored images
+                                     (rows = true class, columns = predicted) on the scored images, and
+                                     (version 4 on) the final model's retrieval metrics on them:
+                                     valid_precision_at_1 valid_r_precision valid_map_at_r
+                                     (evaluation.metrics.retrieval_metrics; None when no class had two
+                                     scored images; absent in older records and in failed runs)
     best_epoch best_valid_top1       the best epoch on the scored images: optimistic, for scale only
     train_seconds
     classes num_train num_inner num_valid train_class_counts
@@ -37,7 +41,7 @@ import torch
 from . import data
 from .files import write_atomically, write_json_atomically
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4  # 4: retrieval metrics in final; 3: protocol and fold
 # A run is identified by these fields, and by its protocol and fold (absent: "split", no fold); a
 # second record with the same identity (e.g. after merging shard folders) is a duplicate.
 RUN_KEY_FIELDS = ("dataset", "backbone", "mode", "loss", "seed", "train_fraction")

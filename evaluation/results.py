@@ -190,7 +190,7 @@ def _verdicts(summary, runs: list[dict], plots: Path) -> list[str]:
 def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str]], ledger: list[dict]) -> None:
     import pandas as pd
 
-    from . import records
+    from . import records, retrieval_report
 
     summary = pd.read_csv(out / "summary.csv")
     runs = records.load_runs(out)
@@ -216,6 +216,7 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
               f"(the seeds column) and [95 % t-interval]. The published numbers are one run of a fine-tuned "
               f"ResNet-50.", ""]
     lines += _verdicts(summary, runs, plots)
+    lines += retrieval_report.section(summary, runs)
     if "protocol" in summary:  # the published comparison is on the archive split
         summary = summary[summary["protocol"] == "split"]
         runs = [r for r in runs if records.protocol_of(r) == "split"]

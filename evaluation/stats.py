@@ -19,6 +19,7 @@ import pandas as pd
 from scipy.stats import t as student_t
 
 from . import significance
+from .metrics import RETRIEVAL_METRICS
 from .records import dedupe, describe_key, protocol_of, record_problem, refuse_mixed_data, run_key
 
 SUMMARY_COLUMNS = [
@@ -28,6 +29,7 @@ SUMMARY_COLUMNS = [
     "best_top1_mean", "best_top1_std",
     "top3_mean", "top3_std",
     "f1_mean", "f1_std",
+    "precision_at_1_mean", "precision_at_1_std", "r_precision_mean", "r_precision_std", "map_at_r_mean", "map_at_r_std",
     "best_epoch_mean", "epochs_mean", "train_seconds_mean",
     "num_train", "num_valid", "weights_hash", "skipped_files", "dropped",
 ]
@@ -116,7 +118,9 @@ def summarise(runs: list[dict]) -> pd.DataFrame:
     images). ``top1_ci95`` is the half-width of a 95 % interval for the mean (``top1_ci95``:
     plain t under split, Nadeau-Bengio corrected under cv; NaN with one unit). ``num_train``
     and ``num_valid`` are the smallest over the runs (they differ between folds by a few
-    images). Rows come in order of first appearance of dataset, backbone, mode, protocol and
+    images). ``precision_at_1_*``, ``r_precision_*`` and ``map_at_r_*`` are the final model's retrieval
+    metrics (``metrics.retrieval_metrics``) over the runs that have them: NaN for records older than them
+    (version 4). Rows come in order of first appearance of dataset, backbone, mode, protocol and
     loss, then by train fraction, largest first.
     """
     bad = [(i, p) for i, r in enumerate(runs) if (p := record_problem(r))]
@@ -151,6 +155,7 @@ def summarise(runs: list[dict]) -> pd.DataFrame:
         best = [as_float(r.get("best_valid_top1")) for r in ok]
         top3 = [as_float(r["final"].get("valid_top3")) for r in ok]
         f1 = [as_float(r["final"].get("valid_macro_f1")) for r in ok]
+        retrieval = {name: [as_float(r["final"].get(f"valid_{name}")) for r in ok] for name in RETRIEVAL_METRICS}
         first = members[0]
         rows.append({
             **dict(zip(fields, key)), "train_fraction": key[5],
@@ -159,6 +164,8 @@ def summarise(runs: list[dict]) -> pd.DataFrame:
             "best_top1_mean": mean(best), "best_top1_std": sample_std(best),
             "top3_mean": mean(top3), "top3_std": sample_std(top3),
             "f1_mean": mean(f1), "f1_std": sample_std(f1),
+            **{f"{name}_{what}": stat(values) for name, values in retrieval.items()
+               for what, stat in (("mean", mean), ("std", sample_std))},
             "best_epoch_mean": mean([as_float(r.get("best_epoch")) for r in ok]),
             "epochs_mean": mean([float(len(r.get("history") or [])) for r in ok]),
             "train_seconds_mean": mean([as_float(r.get("train_seconds")) for r in ok]),
@@ -192,7 +199,9 @@ class Comparison(NamedTuple):
     ranks: pd.DataFrame
 
 
-SCORE_COLUMNS = significance.SCORE_COLUMNS + ["train_fraction"]
+# top1 is what significance tests; the retrieval metrics (NaN where a record has none) are tested the same way by
+# putting one of them in top1's place (evaluation.retrieval_report).
+SCORE_COLUMNS = significance.SCORE_COLUMNS + ["train_fraction", *RETRIEVAL_METRICS]
 
 
 def in_group(df: pd.DataFrame, key: tuple) -> pd.DataFrame:
@@ -213,7 +222,7 @@ def scores_of(runs: list[dict]) -> pd.DataFrame:
 
     Under split a unit is a seed: ``repeat`` and ``fold`` are empty. Under cv a unit is (repeat, fold), and
     ``seed`` is the repeat too (the record's seed: repeat r seeds its folds, views and initialisation).
-    ``top1`` is a fraction; ``n_train`` counts the whole training set of the run (``n_train_of``), ``n_test``
+    ``top1`` and the retrieval metrics are fractions; ``n_train`` counts the whole training set of the run (``n_train_of``), ``n_test``
     the images it was scored on.
     """
     largest: dict[tuple, float] = {}
@@ -233,7 +242,8 @@ def scores_of(runs: list[dict]) -> pd.DataFrame:
         rows.append(dict(zip(significance.GROUP, key), loss=r["loss"], repeat=r["seed"] if cv else None,
                          fold=r.get("fold") if cv else None, seed=r["seed"], top1=float(r["final"]["valid_top1"]),
                          n_train=int(n_train) if np.isfinite(n_train) else None, n_test=r.get("num_valid"),
-                         train_fraction=largest[key]))
+                         train_fraction=largest[key],
+                         **{name: as_float(r["final"].get(f"valid_{name}")) for name in RETRIEVAL_METRICS}))
     df = pd.DataFrame(rows, columns=SCORE_COLUMNS)
     for column in ("repeat", "fold", "seed", "n_train", "n_test"):  # integers, empty where there is none
         df[column] = df[column].astype("Int64")

@@ -15,7 +15,15 @@ import numpy as np
 import pandas as pd
 
 from .files import safe_name, write_text_atomically
+from .metrics import RETRIEVAL_METRICS
 from .stats import in_group, resolution
+
+# The retrieval metrics' column names in the tables (evaluation.metrics.retrieval_metrics).
+RETRIEVAL_HEADERS = {"precision_at_1": "P@1", "r_precision": "R-prec", "map_at_r": "MAP@R"}
+RETRIEVAL_LEGEND = ("Retrieval on the final model's embeddings of the scored images, each image querying the others "
+                    "by cosine similarity (Musgrave et al. 2020; in %, mean ± std): P@1 = nearest neighbour of its "
+                    "class, R-prec = share of its class among its R nearest (R = other images of its class), "
+                    "MAP@R = mean average precision over those R.")
 
 
 def _pct(mean, std=math.nan, digits=1) -> str:
@@ -51,6 +59,22 @@ def _md_table(header: list[str], rows: list[list[str]], align: list[str]) -> lis
 
 def _combos(df: pd.DataFrame) -> list[tuple[str, str, str]]:
     return list(dict.fromkeys(zip(df["backbone"], df["mode"], df["protocol"])))
+
+
+def _has_retrieval(df: pd.DataFrame) -> bool:
+    """Whether any row has a retrieval metric (records before version 4 have none: no table for them)."""
+    columns = [f"{name}_mean" for name in RETRIEVAL_METRICS if f"{name}_mean" in df]
+    return bool(columns) and bool(np.isfinite(df[columns].to_numpy(dtype=float)).any())
+
+
+def _retrieval_table(part: pd.DataFrame, several_fractions: bool) -> list[str]:
+    """The small table under an accuracy table: each loss's retrieval metrics ("—" where a run has none)."""
+    header = ["loss"] + (["train fraction"] if several_fractions else []) + list(RETRIEVAL_HEADERS.values())
+    rows = [[str(row.loss)] + ([f"{row.train_fraction:g}"] if several_fractions else [])
+            + [_pct(getattr(row, f"{name}_mean", math.nan), getattr(row, f"{name}_std", math.nan))
+               for name in RETRIEVAL_METRICS]
+            for row in part.itertuples(index=False)]
+    return [RETRIEVAL_LEGEND, ""] + _md_table(header, rows, ["l"] + ["r"] * (len(header) - 1)) + [""]
 
 
 # ---------------------------------------------------------------- the comparison in words
@@ -155,6 +179,7 @@ def format_table(summary: pd.DataFrame, dataset: str, comparison=None) -> str:
     indistinguishable from the best, and each section ends with its verdicts (``verdicts``). The best epoch's
     top-1 and the epoch itself are shown under split only, marked as chosen on the scored images (optimistic):
     under cv the epoch is chosen on the inner split, and a best epoch picked on the scored fold would undo that.
+    Under each section whose runs have retrieval metrics (records of version 4 on) a small table gives them.
     """
     sub = summary[summary["dataset"] == dataset]
     if sub.empty:
@@ -218,6 +243,8 @@ def format_table(summary: pd.DataFrame, dataset: str, comparison=None) -> str:
             lines += [" ".join(legend), ""] + verdicts(comparison, key, n_test) + [""]
         elif legend:
             lines += legend + [""]
+        if _has_retrieval(part):
+            lines += _retrieval_table(part, several_fractions)
     return "\n".join(lines)
 
 
@@ -256,9 +283,23 @@ def format_combined(summary: pd.DataFrame) -> tuple[str, pd.DataFrame]:
                 row_md.append(text)
                 row_csv.update({f"{ds}_top1_mean": c.top1_mean, f"{ds}_top1_std": c.top1_std,
                                 f"{ds}_seeds": c.seeds})
+                row_csv.update({f"{ds}_{name}_mean": c[f"{name}_mean"] for name in RETRIEVAL_METRICS})
             rows.append(row_md)
             csv_rows.append(row_csv)
         lines += _md_table(["loss"] + datasets, rows, ["l"] + ["r"] * len(datasets)) + [""]
+        if _has_retrieval(part):
+            lines += [f"Retrieval on the final model's embeddings, {' / '.join(RETRIEVAL_HEADERS.values())} (%, "
+                      f"means; each dataset's accuracy.md has them with their spread):", ""]
+            rows = []
+            for loss in losses:
+                cells = part[part["loss"] == loss]
+                if cells.empty:
+                    continue
+                means = {ds: cells[cells["dataset"] == ds] for ds in datasets}
+                rows.append([str(loss)] + ["—" if cell.empty else
+                                           " / ".join(_pct(cell.iloc[0][f"{name}_mean"]) for name in RETRIEVAL_METRICS)
+                                           for cell in means.values()])
+            lines += _md_table(["loss"] + datasets, rows, ["l"] + ["r"] * len(datasets)) + [""]
     return "\n".join(lines), pd.DataFrame(csv_rows)
 
 
@@ -342,13 +383,14 @@ def _tex_points(x, sign=False) -> str:
 def format_latex(summary: pd.DataFrame, dataset: str, comparison) -> str:
     """A booktabs table of one dataset for a write-up to \\input: per (backbone, mode, protocol) a row per loss
     at the compared (largest) train fraction with its mean top-1 and 95 % interval, the paired difference
-    against the baseline with its interval and Holm p, and $^\\bullet$ on the losses not significantly
-    worse than the best."""
+    against the baseline with its interval and Holm p, $^\\bullet$ on the losses not significantly
+    worse than the best, and the mean retrieval metrics (P@1, R-prec, MAP@R)."""
     sub = summary[summary["dataset"] == dataset]
     baseline = _tex(comparison.baseline)
     lines = [f"% {_tex(dataset)}: final top-1 per loss, written by python -m evaluation.report; needs "
-             r"\usepackage{booktabs}", r"\begin{tabular}{lrrr}", r"\toprule",
-             rf"Loss & Top-1 (\%) [95\,\% CI] & $\Delta$ vs {baseline} (points) [95\,\% CI] & $p_\mathrm{{Holm}}$ \\"]
+             r"\usepackage{booktabs}", r"\begin{tabular}{lrrrrrr}", r"\toprule",
+             rf"Loss & Top-1 (\%) [95\,\% CI] & $\Delta$ vs {baseline} (points) [95\,\% CI] & $p_\mathrm{{Holm}}$ & "
+             + " & ".join(_tex(h) + r" (\%)" for h in RETRIEVAL_HEADERS.values()) + r" \\"]
     tests = []
     for backbone, mode, protocol in _combos(sub):
         key = (dataset, backbone, mode, protocol)
@@ -359,7 +401,7 @@ def format_latex(summary: pd.DataFrame, dataset: str, comparison) -> str:
         fraction = part["train_fraction"].iloc[0]
         label = f"{backbone}, {mode}, {'repeated K-fold CV' if protocol == 'cv' else 'seeds on one split'}"
         label += f", {100 * fraction:g}% of train" if fraction != 1.0 else ""
-        lines += [r"\midrule", rf"\multicolumn{{4}}{{l}}{{\emph{{{_tex(label)}}}}} \\"]
+        lines += [r"\midrule", rf"\multicolumn{{7}}{{l}}{{\emph{{{_tex(label)}}}}} \\"]
         for row in part.itertuples(index=False):
             name = _tex(row.loss) + (r"$^\bullet$" if best is not None and row.loss in best.indistinguishable else "")
             mean = _tex_points(row.top1_mean)
@@ -375,10 +417,12 @@ def format_latex(summary: pd.DataFrame, dataset: str, comparison) -> str:
                 p = _p(r.p_holm).replace("< ", "$<$\\,").replace("—", "---")
             else:
                 diff, p = ("baseline" if row.loss == comparison.baseline else "---"), "---"
-            lines.append(f"{name} & {mean} {ci} & {diff} & {p} \\\\")
+            retrieval = " & ".join(_tex_points(getattr(row, f"{m}_mean", math.nan)) for m in RETRIEVAL_METRICS)
+            lines.append(f"{name} & {mean} {ci} & {diff} & {p} & {retrieval} \\\\")
     lines += [r"\bottomrule",
-              rf"\multicolumn{{4}}{{l}}{{\footnotesize Bold: best mean; $^\bullet$: not significantly worse than "
-              rf"the best (Holm, $\alpha = {comparison.alpha:g}$); tests: {_tex(', '.join(dict.fromkeys(tests)))}.}} \\",
+              rf"\multicolumn{{7}}{{l}}{{\footnotesize Bold: best mean; $^\bullet$: not significantly worse than "
+              rf"the best (Holm, $\alpha = {comparison.alpha:g}$); tests: {_tex(', '.join(dict.fromkeys(tests)))}; "
+              rf"P@1, R-prec, MAP@R: retrieval on the final embeddings (means; --- where not measured).}} \\",
               r"\end{tabular}", ""]
     return "\n".join(lines)
 

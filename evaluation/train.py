@@ -23,6 +23,7 @@ from lossbank import HeadOutput, MarginAwareHead, get_loss_info
 from . import distributed
 from . import features as feats
 from .distributed import SINGLE, Context, gather_rows
+from .metrics import macro_f1, retrieval_metrics, topk_accuracy
 
 # Fine-tuning moves pretrained stages with smaller steps than the new head.
 BACKBONE_LR_SCALE = 0.1
@@ -66,10 +67,14 @@ class Classifier(nn.Module):
             x = gather_rows(x, len(target), self.context)
         return self.neck((x.to(dtype) - self.mean) / self.std)
 
-    def embed(self, inputs: Tensor, target: Tensor | None = None) -> Tensor:
+    def embed(self, inputs: Tensor | None = None, target: Tensor | None = None, *,
+              head_inputs: Tensor | None = None) -> Tensor:
         """The embedding to compare images by: the L2-normalised feature a margin loss acts on, or, for
-        losses on logits, the penultimate feature (the head's input) as it is."""
-        return self._embedding(self.head_inputs(inputs, target))
+        losses on logits, the penultimate feature (the head's input) as it is.
+
+        ``head_inputs``: ``self.head_inputs(inputs, target)`` already computed (by a forward that also wants the
+        logits, as ``evaluate`` does), so the backbone does not run twice."""
+        return self._embedding(self.head_inputs(inputs, target) if head_inputs is None else head_inputs)
 
     def logits_and_embedding(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Margin-free logits and ``embed``'s embedding, from one pass through the network."""
@@ -92,24 +97,6 @@ def build_classifier(loss: str, in_features: int, num_classes: int, class_counts
     head = MarginAwareHead(hidden or in_features, num_classes, loss, **kwargs)
     return Classifier(head, backbone=backbone, in_features=in_features, hidden=hidden,
                       dropout=dropout, mean=mean, std=std, context=context)
-
-
-# ---------------------------------------------------------------- metrics
-def topk_accuracy(logits: Tensor, target: Tensor, k: int) -> float:
-    k = min(k, logits.shape[1])
-    return (logits.topk(k, dim=1).indices == target[:, None]).any(dim=1).float().mean().item()
-
-
-def macro_f1(pred: Tensor, target: Tensor, num_classes: int) -> float:
-    """Mean over classes of F1; a class absent from both predictions and targets is left out."""
-    scores = []
-    for c in range(num_classes):
-        tp = ((pred == c) & (target == c)).sum().item()
-        fp = ((pred == c) & (target != c)).sum().item()
-        fn = ((pred != c) & (target == c)).sum().item()
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0
 
 
 # ---------------------------------------------------------------- batches
@@ -301,16 +288,25 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, *, device: str = "cpu",
-             teacher: nn.Module | None = None, amp: bool = False) -> dict:
+             teacher: nn.Module | None = None, amp: bool = False, embed: bool = False) -> dict:
     """Valid loss (the training loss on valid data), top-1, top-3, macro-F1, and the confusion matrix
-    (``confusion``: rows = true class, columns = predicted, counts)."""
+    (``confusion``: rows = true class, columns = predicted, counts).
+
+    ``embed``: also ``embeddings`` (images, dim; float32 on the CPU) of the scored images, in their order, from
+    ``Classifier.embed`` on the same forward as the logits, and their ``labels``."""
     model.eval()
-    logits_all, targets, total_loss, seen = [], [], 0.0, 0
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    logits_all, targets, embedded, total_loss, seen = [], [], [], 0.0, 0
     for inputs, target in batches:
         inputs, target = inputs.to(device), target.to(device)
         with _autocast(device, amp):
             teacher_logits = _full(teacher(inputs, target).logits) if teacher is not None else None
-            out = model(inputs, target, teacher_logits)
+            if embed:  # Classifier.forward, split open to keep the head's input
+                x = inner.head_inputs(inputs, target)
+                out = inner.head(x, target, teacher_logits)
+                embedded.append(inner.embed(head_inputs=x).float().cpu())
+            else:
+                out = model(inputs, target, teacher_logits)
         total_loss += out.loss.item() * target.shape[0]
         seen += target.shape[0]
         logits_all.append(out.logits.float().cpu())
@@ -318,13 +314,16 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_cla
     logits, target = torch.cat(logits_all), torch.cat(targets)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     confusion.index_put_((target.long(), logits.argmax(1)), torch.ones_like(target, dtype=torch.long), accumulate=True)
-    return {
+    scores = {
         "valid_loss": total_loss / max(seen, 1),
         "valid_top1": topk_accuracy(logits, target, 1),
         "valid_top3": topk_accuracy(logits, target, 3),
         "valid_macro_f1": macro_f1(logits.argmax(1), target, num_classes),
         "confusion": confusion.tolist(),
     }
+    if embed:
+        scores.update(embeddings=torch.cat(embedded), labels=target)
+    return scores
 
 
 # ---------------------------------------------------------------- a whole run
@@ -350,7 +349,9 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches
     without a lower loss on ``select_batches`` (the inner validation part of the training set), or, without
     them, on ``valid_batches`` (the images the run is scored on: the published comparison's recipe, optimistic).
 
-    ``final`` is the state at the last epoch trained, scored on ``valid_batches`` (with its confusion matrix);
+    ``final`` is the state at the last epoch trained, scored on ``valid_batches`` (with its confusion matrix and,
+    when the run did not fail, the retrieval metrics of its embeddings: ``valid_precision_at_1``,
+    ``valid_r_precision``, ``valid_map_at_r``, see ``metrics.retrieval_metrics``);
     ``best_*`` are the best epoch's valid top-1, chosen on the scored images themselves: optimistic, for scale.
     """
     optimiser = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
@@ -398,6 +399,12 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches
     final = {k: last.get(k) for k in ("valid_top1", "valid_top3", "valid_macro_f1", "valid_loss")}
     if history:
         final["confusion"] = confusion
+    if status == "ok" and history and hasattr(inner, "embed"):  # a Classifier; a bare test module has no embedding
+        # Retrieval is scored once, on the final model: the embeddings of every scored image, each querying the
+        # others. One more pass over the scored images, instead of embeddings kept at every epoch.
+        scored = evaluate(model, valid_batches(), num_classes, device=device, teacher=teacher, amp=amp, embed=True)
+        final.update({f"valid_{name}": None if math.isnan(value) else value  # NaN: no class with two images
+                      for name, value in retrieval_metrics(scored["embeddings"], scored["labels"]).items()})
     return FitResult(history, status, failed_epoch, failure, best_epoch, best_top1, final,
                      time.perf_counter() - start, model)
 

@@ -71,7 +71,9 @@ def test_summary_counts_units_and_corrects_the_cv_interval():
 def test_scores_csv_is_one_row_per_finished_run(cv_report):
     out, runs, _ = cv_report
     scores = pd.read_csv(out / "scores.csv")
-    assert list(scores.columns) == significance.SCORE_COLUMNS + ["train_fraction"]
+    assert list(scores.columns) == significance.SCORE_COLUMNS + ["train_fraction", "precision_at_1", "r_precision",
+                                                                 "map_at_r"]
+    assert scores.map_at_r.isna().all()  # records older than the retrieval metrics
     assert len(scores) == len(runs)
     cv = scores[scores.protocol == "cv"].set_index(["dataset", "loss", "repeat", "fold"]).sort_index()
     for rec in (r for r in runs if r.get("protocol") == "cv"):
