@@ -35,6 +35,8 @@ from . import features as feats
 # Epochs per mode: the frozen head converges in about 20 epochs on these datasets, while
 # fine-tuning the last stages costs a full trunk pass per image and overfits after about 8.
 EPOCHS = {"frozen": 30, "finetune": 8}
+# Images are decoded once at 256 px (the ImageNet recipe's resize before a 224 crop), or at the input size if larger.
+DECODE_SIZE = 256
 # AdamW learning rates per loss where the shared default does not suit it. The cosine loss
 # saturates on small logits and wants larger steps; the bounded probability losses (L1, L2)
 # have small gradients far from the target. Starting points, not the result of a search.
@@ -138,8 +140,10 @@ class RunConfig:
         "one run per seed", "training", metavar="S[,S...]"))
     views: int = field(default=5, metadata=_option(
         "augmented views per train image in the cache (frozen, and finetune of the last stages)", "training"))
-    image_size: int = field(default=224, metadata=_option("network input size", "training"))
-    decode_size: int = field(default=256, metadata=_option("images are decoded once to this square size", "training"))
+    image_size: int | None = field(default=None, metadata=_option(
+        "network input size", "training", shown_default="the backbone's own (224; Lite1 240, Lite2 260)"))
+    decode_size: int | None = field(default=None, metadata=_option(
+        "images are decoded once to this square size", "training", shown_default="max(256, --image-size)"))
     precision: str = field(default="auto", metadata=_option(
         "auto: bf16 autocast where the device has native bf16 (CUDA, AVX-512-BF16/AMX CPUs), else fp32; "
         "channels_last either way. fp64: train in float64 on fp32 features, slow: for checking numerics",
@@ -245,6 +249,8 @@ class RunConfig:
         parse_loss_args(c.loss_args)
         if c.hidden < 0:
             raise ConfigError(f"--hidden must be >= 0; got {c.hidden}")
+        c.image_size = bb.SPECS[c.backbone].input_size if c.image_size is None else c.image_size
+        c.decode_size = max(DECODE_SIZE, c.image_size) if c.decode_size is None else c.decode_size
         for name in ("epochs", "batch_size", "views", "image_size", "decode_size", "workers"):
             if getattr(c, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be at least 1; got {getattr(c, name)}")
