@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from evaluation import records, run, train
+from evaluation.config import RunConfig
+from evaluation.distil_report import distil_section
 from image_folders import write_image_folder
 
 STUDENT = ["--backbone", "efficientnet_lite0", "--epochs", "2", "--views", "2", "--workers", "1", "--no-progress",
@@ -51,6 +53,17 @@ def test_lite1_teaches_lite0_and_is_reused(folder, tmp_path, mode):
     stamps = [f.stat().st_mtime_ns for f in files]
     assert run.main(argv) == 0
     assert [f.stat().st_mtime_ns for f in files] == stamps
+
+    # The RESULTS.md section renders from these records: the three models of the dataset, and a verdict.
+    config = RunConfig(data_dir=folder, backbone="efficientnet_lite0", mode=mode,
+                       losses=["cross_entropy", "distillation"], teacher_backbone="efficientnet_lite1")
+    section = distil_section(records.load_runs(out), out, config)
+    assert section[0] == f"## Distilling efficientnet_lite1 ({mode}) into efficientnet_lite0 ({mode})"
+    rows = [line for line in section if line.startswith("| tiny |")]
+    assert [r.split(" | ")[1] for r in rows] == ["efficientnet_lite0 cross-entropy", "efficientnet_lite0 distilled",
+                                                 "efficientnet_lite1 teacher"]
+    assert all(" | 1 | " in r for r in rows)  # one seed each
+    assert any(line.startswith("Does distillation help here?") for line in section)
 
     # A different teacher is a different run, beside the first.
     if mode == "frozen":
