@@ -266,6 +266,8 @@ class RunConfig:
             if "finetune" in (c.mode, c.teacher_mode) and c.unfreeze == "all":
                 raise ConfigError("--teacher-backbone needs --unfreeze last: with all stages trained, each epoch draws "
                                   "new crops on the fly, which another backbone's logits cannot be computed for ahead")
+            if c.teacher_image_size is not None and c.teacher_image_size < 1:
+                raise ConfigError(f"--teacher-image-size must be at least 1; got {c.teacher_image_size}")
             c.teacher_image_size = c.teacher_image_size or bb.SPECS[c.teacher_backbone].input_size
         elif c.teacher_mode is not None or c.teacher_image_size is not None:
             raise ConfigError("--teacher-mode and --teacher-image-size describe --teacher-backbone: give it too")

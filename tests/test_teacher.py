@@ -148,3 +148,27 @@ def test_batches_carry_the_teacher_logits_of_their_own_views():
     for x, y, t in train.finetune_batches(Config, ctx, None, trunk, labels, 1, train=True, cached=True,
                                           teacher_logits=logits)(0):
         assert torch.equal(x[:, 0, 0, 0], t[:, 0])
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--losses", "cross_entropy", "--teacher-backbone", "efficientnet_lite1"], "add distillation to --losses"),
+    (["--losses", "distillation", "--teacher-mode", "finetune"], "give it too"),
+    (["--losses", "distillation", "--teacher-backbone", "efficientnet_lite1", "--teacher-image-size", "-3"],
+     "--teacher-image-size must be at least 1"),
+])
+def test_teacher_settings_are_checked_with_one_line(folder, extra, expected, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--data-dir", str(folder), *extra])
+    assert expected in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_teacher_settings_default_to_the_student_and_the_teacher_backbone(folder):
+    config = run.parse_args(["--data-dir", str(folder), "--backbone", "efficientnet_lite0", "--mode", "finetune",
+                             "--losses", "distillation", "--teacher-backbone", "efficientnet_lite2"])
+    assert (config.image_size, config.decode_size) == (224, 256)
+    assert (config.teacher_mode, config.teacher_image_size) == ("finetune", 260)
+    teacher = config.teacher_config()
+    assert (teacher.backbone, teacher.mode, teacher.image_size, teacher.decode_size) == (
+        "efficientnet_lite2", "finetune", 260, 260)
+    assert teacher.losses == ["cross_entropy"] and teacher.teacher_backbone is None
+    assert config.distil_label == "distillation-from-efficientnet_lite2-finetune"
