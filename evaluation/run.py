@@ -84,11 +84,16 @@ def dataset_label(name: str, drop_duplicates: bool) -> str:
 
 # ---------------------------------------------------------------- one command
 class Timer:
-    def __init__(self):
-        self.sections: dict[str, float] = defaultdict(float)
+    def __init__(self, sections: dict[str, float] | None = None, tag: str = ""):
+        self.sections: dict[str, float] = defaultdict(float) if sections is None else sections
+        self.tag = tag
 
     def add(self, name: str, seconds: float) -> None:
-        self.sections[name] += seconds
+        self.sections[f"{name} ({self.tag})" if self.tag else name] += seconds
+
+    def tagged(self, tag: str) -> "Timer":
+        """The same sections, with ``tag`` on the names this one adds (a teacher's time apart from the student's)."""
+        return Timer(self.sections, tag)
 
 
 @dataclass
@@ -126,7 +131,7 @@ def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.B
         losses.remove("distillation")
     inputs = DatasetInputs(job.config, job.ctx, job.timer, splits, label, backbone)  # features only once something is left to train
     teacher_inputs = None if job.teacher is None else DatasetInputs(
-        job.teacher.config, job.ctx, job.timer, splits, label, job.teacher_backbone)
+        job.teacher.config, job.ctx, job.teacher.timer, splits, label, job.teacher_backbone)
 
     for fraction in config.train_fraction:
         for unit in units:
@@ -414,7 +419,7 @@ def run_command(job: Job) -> int:
     if config.teacher_backbone is not None:  # checked and built here, before any student trains
         bb.check_backbone_available(config.teacher_backbone)
         tconfig = config.teacher_config()
-        job.teacher = Job(tconfig, ctx, job.command, job.groups, job.timer)
+        job.teacher = Job(tconfig, ctx, job.command, job.groups, job.timer.tagged(f"teacher {tconfig.backbone}"))
         tbackbone = bb.LazyBackbone(tconfig.backbone, "imagenet", **({} if ctx.main else {"memo": None}))
         job.teacher_backbone = tbackbone.build() if tconfig.mode == "finetune" else tbackbone
         teacher_hash = tbackbone.weights_hash

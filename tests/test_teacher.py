@@ -47,6 +47,8 @@ def test_lite1_teaches_lite0_and_is_reused(folder, tmp_path, mode):
                      "weights_hash": teacher["weights_hash"]}
     assert student["config"]["teacher_run"]["seed"] == 0
     assert records.model_path(out, teacher).exists()
+    timing = json.loads((out / "timing.json").read_text())["sections"]
+    assert "train:cross_entropy (teacher efficientnet_lite1)" in timing and "train:cross_entropy" in timing
 
     # The same command again trains nothing.
     files = [records.record_path(out, teacher), records.record_path(out, student)]
