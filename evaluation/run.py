@@ -8,6 +8,7 @@ line and the orchestration of a grid of (dataset, fraction, seed, loss) runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -28,7 +29,7 @@ from . import data
 from . import distributed
 from . import folders
 from . import records
-from .config import ConfigError, RunConfig, add_arguments, from_command_line
+from .config import ConfigError, RunConfig, add_arguments, from_command_line, trained_loss
 from .distributed import Context
 from .files import WriteError, write_json_atomically, write_text_atomically
 from . import protocol
@@ -87,11 +88,16 @@ def dataset_label(name: str, drop_duplicates: bool) -> str:
 
 # ---------------------------------------------------------------- one command
 class Timer:
-    def __init__(self):
-        self.sections: dict[str, float] = defaultdict(float)
+    def __init__(self, sections: dict[str, float] | None = None, tag: str = ""):
+        self.sections: dict[str, float] = defaultdict(float) if sections is None else sections
+        self.tag = tag
 
     def add(self, name: str, seconds: float) -> None:
-        self.sections[name] += seconds
+        self.sections[f"{name} ({self.tag})" if self.tag else name] += seconds
+
+    def tagged(self, tag: str) -> "Timer":
+        """The same sections, with ``tag`` on the names this one adds (a teacher's time apart from the student's)."""
+        return Timer(self.sections, tag)
 
 
 @dataclass
@@ -102,6 +108,8 @@ class Job:
     command: str
     groups: set = field(default_factory=set)  # the (dataset, fraction, seed) groups of this --shard
     timer: Timer = field(default_factory=Timer)
+    teacher: "Job | None" = None  # --teacher-backbone's cross-entropy runs, as a job of their own
+    teacher_backbone: object = None
 
     @property
     def progress(self) -> bool:
@@ -123,7 +131,11 @@ def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.B
     config, ctx = job.config, job.ctx
     # Distillation needs its teacher trained first, whatever order --losses gives.
     losses = sorted(config.losses, key=lambda n: (n == "distillation", list_losses().index(n)))
+    if job.teacher is not None:  # distillation learns from another backbone's runs, not from this run's
+        losses.remove("distillation")
     inputs = DatasetInputs(job.config, job.ctx, job.timer, splits, label, backbone)  # features only once something is left to train
+    teacher_inputs = None if job.teacher is None else DatasetInputs(
+        job.teacher.config, job.ctx, job.teacher.timer, splits, label, job.teacher_backbone)
 
     for fraction in config.train_fraction:
         for unit in units:
@@ -175,6 +187,86 @@ def run_dataset(job: Job, splits: data.DatasetSplits, label: str, backbone: bb.B
                     teacher_model = frozen_copy(model)
                     if ctx.main:
                         records.save_model(teacher_model, config.out, key)
+            if job.teacher is not None:
+                distil_from_other(job, inputs, teacher_inputs, splits, backbone, unit, key_of(config.distil_label))
+
+
+def other_teacher(job: Job, inputs: DatasetInputs, splits: data.DatasetSplits, unit, student_key: dict):
+    """--teacher-backbone's trained cross-entropy model for the student run ``student_key``: reused from --out if
+    finished, trained (and saved) first otherwise. A failed or foreign teacher run stops the command here."""
+    tjob, tbackbone = job.teacher, job.teacher_backbone
+    key = {**student_key, "backbone": tbackbone.name, "mode": tjob.config.mode, "loss": "cross_entropy"}
+    path = records.record_path(tjob.config.out, key)
+    found = None
+    if job.ctx.main and path.exists():
+        rec = records.read_record(path)
+        found = (rec["status"], rec.get("failure"), rec.get("classes"),
+                 records.model_path(tjob.config.out, key).exists())
+    found = distributed.from_main(found, job.ctx)
+    where = f"teacher run {path}"
+    if found is not None:
+        status, failure, classes, saved = found
+        if status != "ok":
+            raise SystemExit(f"error: the {where} failed ({failure}); delete it to train the teacher again")
+        if classes != splits.classes:
+            raise SystemExit(f"error: the {where} learnt the classes {classes}, the student has {splits.classes}; "
+                             f"use another --out, or delete it to train the teacher again")
+        if saved:
+            model = load_teacher(tjob, inputs.run_data(unit), len(splits.classes), tbackbone, key)
+            if model is not None:
+                return model
+    sig = records.signature(tjob.config, tbackbone.weights_hash, splits, "cross_entropy")
+    record, model = train_run(tjob, inputs.run_data(unit), splits, tbackbone, key, sig)
+    if job.ctx.main and found is None:  # a finished run without its saved model keeps its record: only the model is wanted
+        records.write_record(record, tjob.config.out)
+        (tqdm.write if job.progress else print)(_summary_line(key, record))
+    if record["status"] != "ok":
+        raise SystemExit(f"error: the {where} failed ({record['failure']}); the student is not trained")
+    model = frozen_copy(model)
+    if job.ctx.main:
+        records.save_model(model, tjob.config.out, key)
+    return model
+
+
+@torch.no_grad()
+def teacher_logits(teacher, run: train.RunData, device: str) -> dict:
+    """The teacher's logits for every view of its own RunData: train_t (views, n, classes), valid_t and inner_t
+    (n, classes). Each process computes them all: they are a few thousand rows."""
+    teacher = teacher.to(device)
+    teacher.context = distributed.SINGLE  # no rows to gather: this is not a training step
+
+    def of(x):  # x: (n, ...) inputs of the teacher's model
+        return torch.cat([teacher(x[i:i + 256].to(device)).logits.float().cpu() for i in range(0, len(x), 256)])
+
+    def eval_view(x):  # frozen: (n, D); fine-tuning: one eval view (1, n, ...)
+        return of(x[0] if x.dim() == run.train_x.dim() else x)
+
+    return {"train_t": torch.stack([of(v) for v in run.train_x]), "valid_t": eval_view(run.valid_x),
+            "inner_t": eval_view(run.inner_x) if run.inner_x is not None else None}
+
+
+def distil_from_other(job: Job, inputs: DatasetInputs, teacher_inputs: DatasetInputs, splits: data.DatasetSplits,
+                      backbone, unit, key: dict) -> None:
+    """The distillation run ``key`` of the student, taught by --teacher-backbone's model of the same unit.
+
+    The teacher's logits are for the same images and the same augmented views: view v of an image is drawn
+    by the same generator (features.view_generator) for both backbones, so it is the same crop, flip and
+    jitter of the image, taken from each one's decoded copy at each one's input size (the crop box is the
+    same fraction of the image, up to rounding to pixels).
+    """
+    config = job.config
+    on_disk = distributed.from_main(records.record_path(config.out, key).exists(), job.ctx)
+    if on_disk:
+        return
+    teacher = other_teacher(job, teacher_inputs, splits, unit, key)
+    given = dataclasses.replace(inputs.run_data(unit), **teacher_logits(teacher, teacher_inputs.run_data(unit),
+                                                                         config.device))
+    sig = records.signature(config, backbone.weights_hash, splits, key["loss"], job.teacher_backbone.weights_hash)
+    record, _ = train_run(job, given, splits, backbone, key, sig)
+    record["config"]["teacher_run"] = {**sig["teacher_run"], "seed": key["seed"], "loss": "cross_entropy"}
+    if job.ctx.main:
+        records.write_record(record, config.out)
+        (tqdm.write if job.progress else print)(_summary_line(key, record))
 
 
 def save_run_model(config, backbone, key: dict, record: dict, model) -> None:
@@ -218,8 +310,8 @@ def train_run(job: Job, run_data: train.RunData, splits: data.DatasetSplits, bac
         chosen = search.search(config, ctx, run_data, len(splits.classes), backbone, key, teacher=teacher)
         job.timer.add(f"search:{key['loss']}", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    setup = train.set_up_run(config, ctx, run_data, len(splits.classes), backbone, key["loss"], key["seed"],
-                             key["train_fraction"], loss_kwargs=chosen["loss_kwargs"] if chosen else None)
+    setup = train.set_up_run(config, ctx, run_data, len(splits.classes), backbone, trained_loss(key["loss"]),
+                             key["seed"], key["train_fraction"], loss_kwargs=chosen["loss_kwargs"] if chosen else None)
     lr = chosen["lr"] if chosen else config.lr_for(key["loss"])
     for g in setup.param_groups:
         g["lr"] = lr * g.pop("lr_scale", 1.0)
@@ -340,7 +432,16 @@ def run_command(job: Job) -> int:
     if config.mode == "finetune":
         backbone = backbone.build()
     job.timer.add("backbone", time.perf_counter() - t0)
-    records.check_compatible(config, datasets, backbone.weights_hash, write_listing=ctx.main)
+    teacher_hash = None
+    if config.teacher_backbone is not None:  # checked and built here, before any student trains
+        bb.check_backbone_available(config.teacher_backbone)
+        tconfig = config.teacher_config()
+        job.teacher = Job(tconfig, ctx, job.command, job.groups, job.timer.tagged(f"teacher {tconfig.backbone}"))
+        tbackbone = bb.LazyBackbone(tconfig.backbone, "imagenet", **({} if ctx.main else {"memo": None}))
+        job.teacher_backbone = tbackbone.build() if tconfig.mode == "finetune" else tbackbone
+        teacher_hash = tbackbone.weights_hash
+        records.check_compatible(tconfig, datasets, teacher_hash, write_listing=False)
+    records.check_compatible(config, datasets, backbone.weights_hash, write_listing=ctx.main, teacher_hash=teacher_hash)
     say(f"# {job.command}")
     say(f"# backbone {backbone.name} (weights {config.weights}, hash {backbone.weights_hash}), mode {config.mode}, "
         f"device {config.device}, {len(config.losses)} losses x "
@@ -349,7 +450,8 @@ def run_command(job: Job) -> int:
         + (f", {ctx.world} processes ({torch.distributed.get_backend()})" if ctx.distributed else ""))
     units = {label: dataset_units(config, splits) for splits, label in datasets}
     grid = [{"dataset": label, "backbone": backbone.name, "mode": config.mode, "protocol": config.protocol,
-             "loss": loss, "seed": unit.seed, "fold": unit.fold, "train_fraction": fraction}
+             "loss": config.distil_label if loss == "distillation" and config.distil_label else loss,
+             "seed": unit.seed, "fold": unit.fold, "train_fraction": fraction}
             for _, label in datasets for fraction in config.train_fraction for unit in units[label]
             for loss in config.losses]
     if ctx.main:

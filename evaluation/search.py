@@ -18,7 +18,7 @@ import logging
 from dataclasses import replace
 
 from . import records, train
-from .config import SEARCH_LR, SEARCH_SPACE
+from .config import SEARCH_LR, SEARCH_SPACE, trained_loss
 
 
 def storage_url(config) -> str:
@@ -44,15 +44,16 @@ def search(config, ctx, run_data: train.RunData, num_classes: int, backbone, key
     if run_data.inner_y is None or not len(run_data.inner_y):
         raise ValueError("--search needs an inner validation part (--inner-valid > 0) with images in it")
     # A trial trains on the training part and is scored on the inner part, which also stops it early.
-    trial_data = replace(run_data, valid_x=run_data.inner_x, valid_y=run_data.inner_y, inner_x=None, inner_y=None)
+    trial_data = replace(run_data, valid_x=run_data.inner_x, valid_y=run_data.inner_y, valid_t=run_data.inner_t,
+                         inner_x=None, inner_y=None, inner_t=None)
     name = records.describe_key(records.run_key(key))
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
     study = optuna.create_study(study_name=name, storage=storage_url(config), load_if_exists=True,
                                 direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
 
     def objective(trial):
-        lr, kwargs = _suggest(trial, key["loss"])
-        setup = train.set_up_run(config, ctx, trial_data, num_classes, backbone, key["loss"], key["seed"],
+        lr, kwargs = _suggest(trial, trained_loss(key["loss"]))
+        setup = train.set_up_run(config, ctx, trial_data, num_classes, backbone, trained_loss(key["loss"]), key["seed"],
                                  key["train_fraction"], loss_kwargs=kwargs)
         for g in setup.param_groups:
             g["lr"] = lr * g.pop("lr_scale", 1.0)

@@ -100,11 +100,14 @@ def build_classifier(loss: str, in_features: int, num_classes: int, class_counts
 
 
 # ---------------------------------------------------------------- batches
-Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (inputs, target) batches
+Batches = Callable[[int], Iterable[tuple[Tensor, ...]]]  # epoch -> (inputs, target[, teacher logits]) batches
 
 
-def feature_batches(features: Tensor, labels: Tensor, batch_size: int, seed: int) -> Batches:
-    """Each epoch: every image once, in a seeded order, as one of its cached augmented views."""
+def feature_batches(features: Tensor, labels: Tensor, batch_size: int, seed: int,
+                    teacher_logits: Tensor | None = None) -> Batches:
+    """Each epoch: every image once, in a seeded order, as one of its cached augmented views.
+
+    With ``teacher_logits`` (views, n, classes) each batch also carries the teacher's logits for the same views."""
     views, n = features.shape[0], features.shape[1]
 
     def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -115,7 +118,10 @@ def feature_batches(features: Tensor, labels: Tensor, batch_size: int, seed: int
             idx = order[start:start + batch_size]
             if len(idx) < 2 and n >= 2:  # a batch of one breaks BatchNorm in the MLP: skip it (other epochs see it)
                 continue
-            yield features[view[idx], idx], labels[idx]
+            if teacher_logits is None:
+                yield features[view[idx], idx], labels[idx]
+            else:
+                yield features[view[idx], idx], labels[idx], teacher_logits[view[idx], idx]
 
     return epoch_batches
 
@@ -134,13 +140,14 @@ def stratified_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
 
 
 def finetune_batches(config, ctx: Context, net, inputs: Tensor, labels: Tensor, seed: int, *, train: bool,
-                     cached: bool) -> Batches:
+                     cached: bool, teacher_logits: Tensor | None = None) -> Batches:
     """epoch -> (this process's inputs, the global batch's target) for each global batch.
 
     ``inputs`` are cached trunk outputs (views, N, C, H, W), each epoch picking a view per
     image, or decoded images (N, 3, S, S), each augmented with its own generator. Either
     way the random choices depend on (seed, epoch, image) only, never on which process
-    handles the image.
+    handles the image. ``teacher_logits`` (views, N, classes), with cached inputs only, add the global
+    batch's teacher logits for the same views.
     """
     n = len(labels)
 
@@ -164,7 +171,11 @@ def finetune_batches(config, ctx: Context, net, inputs: Tensor, labels: Tensor, 
                 else:
                     images = feats.eval_view(images, config.image_size)
                 x = feats.normalise(images, net)
-            yield x.contiguous(memory_format=torch.channels_last), labels[rows].to(config.device)
+            x = x.contiguous(memory_format=torch.channels_last)
+            if teacher_logits is None:
+                yield x, labels[rows].to(config.device)
+            else:
+                yield x, labels[rows].to(config.device), teacher_logits[view[rows], rows].to(config.device)
 
     return epoch_batches
 
@@ -182,6 +193,11 @@ class RunData:
     valid_y: Tensor
     inner_x: Tensor | None = None  # the inner validation part of the training set; None: no early stopping on it
     inner_y: Tensor | None = None
+    # Another backbone's logits for the same images and views (--teacher-backbone): (views, n, classes) to
+    # train on, (n, classes) to score and choose on. None: the run has no such teacher.
+    train_t: Tensor | None = None
+    valid_t: Tensor | None = None
+    inner_t: Tensor | None = None
 
 
 @dataclass
@@ -204,6 +220,9 @@ def set_up_run(config, ctx: Context, run: RunData, num_classes: int, backbone, l
     ``loss_kwargs`` (a search's trial) replace the loss arguments of the config."""
     subset = stratified_subset(run.train_y, fraction, seed)
     train_y = run.train_y[subset]
+    dtype = torch.float64 if config.precision == "fp64" else torch.float32
+    given = run.train_t is not None  # the teacher's logits come with the batches
+    train_t = run.train_t[:, subset].to(dtype) if given else None
     counts = torch.bincount(train_y, minlength=num_classes).tolist()
     loss_kwargs = config.loss_kwargs(loss) if loss_kwargs is None else loss_kwargs
     torch.manual_seed(seed)
@@ -214,10 +233,11 @@ def set_up_run(config, ctx: Context, run: RunData, num_classes: int, backbone, l
         model = build_classifier(loss, backbone.num_features, num_classes, counts, hidden=config.hidden,
                                  dropout=config.dropout, loss_kwargs=loss_kwargs, mean=mean, std=std)
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-        train_batches = feature_batches(train_x, train_y, config.batch_size, seed)
+        train_batches = feature_batches(train_x, train_y, config.batch_size, seed, train_t)
 
-        def batches_of(x, y):
-            return lambda: ((x[i:i + 256], y[i:i + 256]) for i in range(0, len(y), 256))
+        def batches_of(x, y, t):
+            return lambda: ((x[i:i + 256], y[i:i + 256], *([] if t is None else [t[i:i + 256]]))
+                            for i in range(0, len(y), 256))
         train_mode = model.train
     else:
         net = copy.deepcopy(backbone)
@@ -231,17 +251,20 @@ def set_up_run(config, ctx: Context, run: RunData, num_classes: int, backbone, l
         head_params = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         groups = [{"params": head_params}, {"params": backbone_params, "lr_scale": BACKBONE_LR_SCALE}]
         train_x = run.train_x[:, subset] if cached else run.train_x[subset]
-        train_batches = finetune_batches(config, ctx, net, train_x, train_y, seed, train=True, cached=cached)
+        train_batches = finetune_batches(config, ctx, net, train_x, train_y, seed, train=True, cached=cached,
+                                         teacher_logits=train_t)
 
-        def batches_of(x, y):
-            return lambda: finetune_batches(config, ctx, net, x, y, seed, train=False, cached=cached)(0)
+        def batches_of(x, y, t):
+            return lambda: finetune_batches(config, ctx, net, x, y, seed, train=False, cached=cached,
+                                            teacher_logits=None if t is None else t[None])(0)
 
         def train_mode():
             model.train()
             net.train_mode()
-    select = batches_of(run.inner_x, run.inner_y) if run.inner_y is not None and len(run.inner_y) else None
-    dtype = torch.float64 if config.precision == "fp64" else torch.float32
-    return RunSetup(model.to(config.device, dtype), groups, train_batches, batches_of(run.valid_x, run.valid_y), select,
+    select = (batches_of(run.inner_x, run.inner_y, run.inner_t.to(dtype) if given else None)
+              if run.inner_y is not None and len(run.inner_y) else None)
+    valid = batches_of(run.valid_x, run.valid_y, run.valid_t.to(dtype) if given else None)
+    return RunSetup(model.to(config.device, dtype), groups, train_batches, valid, select,
                     train_mode, counts, len(subset))
 
 
@@ -265,9 +288,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
     """
     (train_mode or model.train)()
     total_loss, correct, seen = 0.0, 0, 0
-    for inputs, target in batches:
+    for inputs, target, *given in batches:  # given: the teacher's logits, when they come with the batch
         inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        teacher_logits = None
+        teacher_logits = given[0].to(device) if given else None
         if teacher is not None:
             with torch.no_grad(), _autocast(device, amp):
                 # with the target: across processes the teacher gathers its rows like the student
@@ -297,10 +320,11 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_cla
     model.eval()
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     logits_all, targets, embedded, total_loss, seen = [], [], [], 0.0, 0
-    for inputs, target in batches:
+    for inputs, target, *given in batches:
         inputs, target = inputs.to(device), target.to(device)
         with _autocast(device, amp):
-            teacher_logits = _full(teacher(inputs, target).logits) if teacher is not None else None
+            teacher_logits = _full(teacher(inputs, target).logits) if teacher is not None else \
+                given[0].to(device) if given else None
             if embed:  # Classifier.forward, split open to keep the head's input
                 x = inner.head_inputs(inputs, target)
                 out = inner.head(x, target, teacher_logits)

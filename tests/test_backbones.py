@@ -64,7 +64,9 @@ def offline(monkeypatch, tmp_path):
 
 def test_registry_lists_the_backbones_of_the_spec_table():
     assert list_backbones() == list(BACKBONES) == list(SPECS)
-    assert {"resnet50", "efficientnet_lite0", "mobilenet_v2", "efficientnet_b0"} <= set(BACKBONES)
+    assert {"resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2",
+            "efficientnet_b0"} <= set(BACKBONES)
+    assert [SPECS[f"efficientnet_lite{i}"].input_size for i in range(3)] == [224, 240, 260]
     assert isinstance(SPECS[backbones.OFFLINE_BACKBONE].weights, PipWeights)
 
 
@@ -177,21 +179,23 @@ def test_lite0_imagenet_loads_offline_with_its_preprocessing(lite0, random_init,
     assert offline == []  # never touched the network
 
 
-def test_lite0_package_weights_classify_real_fruit():
-    """The order-mapped weights are ImageNet's: a real banana and orange come out as such."""
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_package_weights_classify_real_fruit(name):
+    """The order-mapped weights are ImageNet's: a real banana and orange come out as such, at each one's size."""
     import timm
     from PIL import Image
 
     folder = data_root() / "fruits" / "test_zip" / "test"
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    model.load_state_dict(backbones.imagenet_state_dict("efficientnet_lite0"))
+    model = timm.create_model(f"tf_{name}", pretrained=False).eval()
+    model.load_state_dict(backbones.imagenet_state_dict(name))
+    size = SPECS[name].input_size
     imagenet_class = {"banana": 954, "orange": 950}
     hits = 0
     for fruit, index in imagenet_class.items():
         paths = sorted(folder.glob(f"{fruit}_*.jpg"))[:6]
         assert len(paths) == 6, f"fruits test images missing under {folder}"
         images = torch.stack([
-            torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((224, 224)))).permute(2, 0, 1)
+            torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((size, size)))).permute(2, 0, 1)
             for p in paths
         ])
         with torch.no_grad():

@@ -186,3 +186,20 @@ def test_cross_validation_folds_across_processes_match_one_process(tiny_folder, 
                 assert b[metric] == pytest.approx(a[metric], rel=1e-5, abs=1e-5), (name, a["epoch"], metric)
     [folds_one], [folds_two] = (list((tmp_path / name / "folds").glob("*.csv")) for name in ("one", "two"))
     assert folds_one.read_text() == folds_two.read_text()
+
+
+def test_a_teacher_from_another_backbone_gives_two_processes_the_single_process_history(tiny_folder, tmp_path):
+    # Lite1 teaches: its cross-entropy run trains first across the processes, then every process computes
+    # its logits for the same views, and the student's batches carry the global batch's rows of them.
+    args = ["--losses", "distillation", "--teacher-backbone", "efficientnet_lite1", "--teacher-image-size", "64",
+            "--epochs", "2", "--precision", "fp64"]
+    single = launch(command(tiny_folder, tmp_path / "one", tmp_path / "cache-one", *args))
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = launch(command(tiny_folder, tmp_path / "two", tmp_path / "cache-two", *args, processes=2))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, both = histories(tmp_path / "one"), histories(tmp_path / "two")
+    assert set(one) == set(both) == {"cross_entropy", "distillation-from-efficientnet_lite1-finetune"}
+    for run_name in one:
+        for a, b in zip(one[run_name], both[run_name], strict=True):
+            for metric in ("train_loss", "valid_loss", "valid_top1"):
+                assert b[metric] == pytest.approx(a[metric], rel=1e-5, abs=1e-5), (run_name, a["epoch"], metric)

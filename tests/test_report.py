@@ -445,7 +445,8 @@ def test_regeneration_sittings_are_logged_and_summed(tmp_path, monkeypatch):
     from evaluation import results, run
 
     commands = results.grid_commands(tmp_path, tmp_path)
-    assert [c[0] for c in commands] == ["--config"] * 6 and "1-cv-frozen.yaml" in commands[0][1]
+    n = len(commands)  # 1-cv-frozen ... 7-distil
+    assert [c[0] for c in commands] == ["--config"] * 7 and "1-cv-frozen.yaml" in commands[0][1]
 
     out = tmp_path / "results"
     written = {}
@@ -456,7 +457,7 @@ def test_regeneration_sittings_are_logged_and_summed(tmp_path, monkeypatch):
 
     def fake_run(command):  # one record per command; the second sitting is killed in its second command
         calls.append(command)
-        if len(calls) == 8:
+        if len(calls) == n + 2:
             raise KeyboardInterrupt
         path = out / "runs" / f"r{len(calls)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -466,7 +467,7 @@ def test_regeneration_sittings_are_logged_and_summed(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "main", fake_run)
     assert results.main(["--out", str(out), "--results-md", str(tmp_path / "R.md")]) == 0
     first = json.loads((out / "regeneration_log.json").read_text())
-    assert [(e["runs_before"], e["runs_after"], e["finished"]) for e in first] == [(0, 6, True)]
+    assert [(e["runs_before"], e["runs_after"], e["finished"]) for e in first] == [(0, n, True)]
     assert "Regenerating everything from an empty results/ and an empty feature cache took 0 min" in \
         results.regeneration_time(first)
 
@@ -481,7 +482,7 @@ def test_regeneration_sittings_are_logged_and_summed(tmp_path, monkeypatch):
     assert [(e["runs_before"], e["runs_after"], e["finished"]) for e in killed] == [(0, 1, False)]
     assert results.regeneration_time(killed).startswith("No regeneration from an empty results/ has been timed")
 
-    calls.append(None)  # the resumed sitting runs all six commands without being killed
+    calls.append(None)  # the resumed sitting runs every command without being killed
     assert results.main(["--out", str(out), "--results-md", str(tmp_path / "R.md")]) == 0
     resumed = json.loads((out / "regeneration_log.json").read_text())
     assert [(e["runs_before"], e["finished"]) for e in resumed] == [(0, False), (1, True)]
