@@ -8,23 +8,12 @@ from the backbone comparison (results/backbones.json, benchmarks/bench_backbones
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from .config import RunConfig
+from .results import _pct  # the RESULTS.md format: "–" when missing, ± std, [95 % interval]
 
 DATASETS = ("weather", "fruits", "covid")
-
-
-def _pct(mean, std=None, ci=None) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    text = f"{100 * mean:.1f}"
-    if std is not None and not math.isnan(std):
-        text += f" ± {100 * std:.1f}"
-    if ci is not None and not math.isnan(ci):
-        text += f" [{100 * (mean - ci):.1f}, {100 * (mean + ci):.1f}]"
-    return text
 
 
 def _sizes(out: Path) -> dict:

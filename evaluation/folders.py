@@ -133,7 +133,7 @@ def canonical_class(raw: str) -> str:
     return re.sub(r"[\W_]+", "_", text).strip("_")
 
 
-def _is_image_name(p: pathlib.Path) -> bool:
+def is_image_name(p: pathlib.Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS
 
 
@@ -188,8 +188,8 @@ def scan_user_dir(data_dir, split_seed: int) -> Scan:
         out = {}
         for d in _class_folders(folder):
             files = list_files(d)
-            imgs = [p for p in files if _is_image_name(p)]
-            unexpected.extend(relative(p, root) for p in files if not _is_image_name(p))
+            imgs = [p for p in files if is_image_name(p)]
+            unexpected.extend(relative(p, root) for p in files if not is_image_name(p))
             if imgs:
                 out[d.name] = imgs
         for p in folder.iterdir():

@@ -33,7 +33,7 @@ def image_files(arguments: list[str]) -> tuple[list[Path], list[tuple[str, str]]
         path = Path(arg).expanduser()
         if path.is_dir():
             for f in folders.list_files(path):
-                if f.suffix.lower() in folders.IMAGE_EXTENSIONS:
+                if folders.is_image_name(f):
                     files.append(f)
                 else:
                     skipped.append((str(f), "not an image by its extension"))

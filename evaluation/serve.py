@@ -165,7 +165,7 @@ class Batcher:
 # The index /similar searches
 
 def _images_under(root: pathlib.Path) -> list[pathlib.Path]:
-    return [p for p in folders.list_files(root) if p.suffix.lower() in folders.IMAGE_EXTENSIONS]
+    return [p for p in folders.list_files(root) if folders.is_image_name(p)]
 
 
 def folder_class(rel: str, classes: list[str]) -> str | None:
