@@ -386,6 +386,7 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches
     start = time.perf_counter()
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     criterion = inner.head.criterion if hasattr(inner, "head") else None
+    embeds = hasattr(inner, "embed")  # a Classifier; a bare test module has no embedding
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         train = train_one_epoch(model, train_batches(epoch), optimiser, device=device, teacher=teacher, amp=amp,
@@ -394,8 +395,10 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches
             status, failed_epoch = "failed", epoch
             failure = f"training loss became {train['train_loss']} in epoch {epoch}"
             break
-        valid = evaluate(model, valid_batches(), num_classes, device=device, teacher=teacher, amp=amp)
+        # The embeddings come from the same forward as the logits; only the final model's are scored (below).
+        valid = evaluate(model, valid_batches(), num_classes, device=device, teacher=teacher, amp=amp, embed=embeds)
         confusion = valid.pop("confusion")
+        embedded = (valid.pop("embeddings"), valid.pop("labels")) if embeds else None
         chosen_on = valid["valid_loss"]
         if select_batches is not None:
             inner_scores = evaluate(model, select_batches(), num_classes, device=device, teacher=teacher, amp=amp)
@@ -423,12 +426,11 @@ def fit(model: nn.Module, params: Iterable[nn.Parameter], train_batches: Batches
     final = {k: last.get(k) for k in ("valid_top1", "valid_top3", "valid_macro_f1", "valid_loss")}
     if history:
         final["confusion"] = confusion
-    if status == "ok" and history and hasattr(inner, "embed"):  # a Classifier; a bare test module has no embedding
+    if status == "ok" and history and embeds:
         # Retrieval is scored once, on the final model: the embeddings of every scored image, each querying the
-        # others. One more pass over the scored images, instead of embeddings kept at every epoch.
-        scored = evaluate(model, valid_batches(), num_classes, device=device, teacher=teacher, amp=amp, embed=True)
+        # others.
         final.update({f"valid_{name}": None if math.isnan(value) else value  # NaN: no class with two images
-                      for name, value in retrieval_metrics(scored["embeddings"], scored["labels"]).items()})
+                      for name, value in retrieval_metrics(*embedded).items()})
     return FitResult(history, status, failed_epoch, failure, best_epoch, best_top1, final,
                      time.perf_counter() - start, model)
 
