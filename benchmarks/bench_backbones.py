@@ -9,6 +9,8 @@ a last row measures the same process without any network (imports only), the bas
 cold start and peak RSS of each backbone should be read against.
 
     LOSSBANK_DATA=../shared/datasets .venv/bin/python benchmarks/bench_backbones.py
+    # only some backbones, keeping the others' rows of results/backbones.json:
+    ... bench_backbones.py --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
 """
 from __future__ import annotations
 
@@ -86,9 +88,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/backbones"), help="runs of each backbone")
     parser.add_argument("--json", type=Path, default=Path("results/backbones.json"), help="the table, for RESULTS.md")
     parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--backbones", default=",".join(bb.BACKBONES),
+                        help="comma-separated; the other backbones' rows already in --json are kept")
     args = parser.parse_args()
-    rows = []
-    for name in bb.BACKBONES:
+    names = [n.strip() for n in args.backbones.split(",") if n.strip()]
+    unknown = [n for n in names if n not in bb.BACKBONES]
+    if unknown:
+        parser.error(f"--backbones: unknown {', '.join(unknown)}; known: {', '.join(bb.BACKBONES)}")
+    kept = {r["backbone"]: r for r in json.loads(args.json.read_text()) if r["backbone"] in bb.BACKBONES} \
+        if args.json.is_file() else {}
+    measured = {}
+    for name in names:
         weights = weights_for(name)
         code = run.main(["--dataset", "fruits", "--backbone", name, "--weights", weights, "--losses", "cross_entropy",
                          "--seeds", args.seeds, "--out", str(args.out / name), "--no-progress"])
@@ -100,9 +110,11 @@ def main() -> None:
         size_mb = sum(t.numel() * t.element_size() for t in backbone.model.state_dict().values()) / 2**20
         cold = subprocess.run([sys.executable, "-c", COLD_START, name, weights, str(time.time())],
                               capture_output=True, text=True, check=True).stdout.split()
-        rows.append({"backbone": name, "weights": weights, "top1_mean": summary.top1_mean, "top1_std": summary.top1_std,
-                     "top3_mean": summary.top3_mean, "params_m": params / 1e6, "size_mb": size_mb,
-                     "latency_ms": latency_ms(backbone), "cold_start_s": float(cold[0]), "peak_rss_mb": float(cold[1])})
+        measured[name] = {"backbone": name, "weights": weights, "top1_mean": summary.top1_mean,
+                          "top1_std": summary.top1_std, "top3_mean": summary.top3_mean, "params_m": params / 1e6,
+                          "size_mb": size_mb, "latency_ms": latency_ms(backbone), "cold_start_s": float(cold[0]),
+                          "peak_rss_mb": float(cold[1])}
+    rows = [measured.get(name) or kept[name] for name in bb.BACKBONES if name in measured or name in kept]
     base = subprocess.run([sys.executable, "-c", BASELINE, str(time.time())], capture_output=True, text=True,
                           check=True).stdout.split()
     rows.append({"backbone": "none (imports only)", "weights": "", "top1_mean": None, "top1_std": None,

@@ -14,7 +14,7 @@ import pandas as pd
 from . import significance, stats
 from .metrics import RETRIEVAL_METRICS
 from .records import protocol_of
-from .tables import RETRIEVAL_HEADERS, TEST_NAME, _interval, _p, _pct, _points
+from .tables import RETRIEVAL_HEADERS, TEST_NAME, _p_is, _pct, _points, _vs_cell
 
 BASELINE = "cross_entropy"
 MODE = "frozen"
@@ -34,17 +34,6 @@ def _compare(scores: pd.DataFrame, metric: str, alpha: float) -> pd.DataFrame:
     return pairs[pairs["family"] == "vs baseline"].set_index("loss")
 
 
-def _diff_cell(vs: pd.DataFrame, loss: str) -> str:
-    if loss == BASELINE:
-        return "(baseline)"
-    if loss not in vs.index or not np.isfinite(vs.at[loss, "mean_diff"]):
-        return "–"
-    r = vs.loc[loss]
-    if not np.isfinite(r.p_holm):
-        return f"{_points(r.mean_diff, sign=True)} (n = {int(r.n)}: no test)"
-    return f"{_points(r.mean_diff, sign=True)} {_interval(r.ci_low, r.ci_high, sign=True)} p = {_p(r.p_holm)}"
-
-
 def _sentence(dataset: str, protocol: str, vs: dict[str, pd.DataFrame], margins: list[str], alpha: float) -> str:
     """Whether the margin losses give better embeddings than the baseline on one dataset, decided on MAP@R."""
     test = f"{TEST_NAME[protocol]}, Holm, α = {alpha:g}"
@@ -56,7 +45,7 @@ def _sentence(dataset: str, protocol: str, vs: dict[str, pd.DataFrame], margins:
 
     def described(losses, metric="map_at_r"):
         return ", ".join(f"{m} ({_points(vs[metric].at[m, 'mean_diff'], sign=True)} points, "
-                         f"p_holm = {_p(vs[metric].at[m, 'p_holm'])})" for m in losses)
+                         f"p_holm{_p_is(vs[metric].at[m, 'p_holm'])})" for m in losses)
 
     better = [m for m in tested if primary.at[m, "p_holm"] < alpha and primary.at[m, "mean_diff"] > 0]
     worse = [m for m in tested if primary.at[m, "p_holm"] < alpha and primary.at[m, "mean_diff"] < 0]
@@ -120,7 +109,7 @@ def section(summary: pd.DataFrame, runs: list[dict], datasets=("weather", "fruit
             for row in rows.itertuples(index=False):
                 cells = [str(row.loss), str(int(row.seeds))]
                 cells += [_pct(getattr(row, f"{m}_mean"), getattr(row, f"{m}_std")) for m in RETRIEVAL_METRICS]
-                cells += [_diff_cell(vs[m], row.loss) for m in RETRIEVAL_METRICS]
+                cells += [_vs_cell(row.loss, vs[m], BASELINE) for m in RETRIEVAL_METRICS]
                 lines.append("| " + " | ".join(cells) + " |")
             lines += ["", _sentence(dataset, protocol, vs, margins, alpha) if BASELINE in set(have["loss"]) else
                       f"No verdict on {dataset}: {BASELINE} has no finished run here to compare with.", ""]
