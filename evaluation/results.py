@@ -412,7 +412,7 @@ def main(argv=None) -> int:
         before = _count_records(args.out)
         cache_dir = grid_configs()[0][1].cache_dir.expanduser()
         entry = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs_before": before,
-                 "cache_entries_before": len(list(cache_dir.glob("*.pt"))) if cache_dir.is_dir() else 0}
+                 "cache_entries_before": len(list(cache_dir.rglob("*.pt"))) if cache_dir.is_dir() else 0}
         if before == 0:
             ledger = []  # an empty results/: a new regeneration starts
         start, code, finished = time.perf_counter(), 0, False

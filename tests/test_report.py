@@ -472,8 +472,9 @@ def test_regeneration_sittings_are_logged_and_summed(tmp_path, monkeypatch):
         results.regeneration_time(first)
 
     # A regeneration that starts from an empty results/ again forgets the old log; kill it half-way.
-    cache.mkdir(parents=True)
-    (cache / "x.pt").write_text("")
+    shard = cache / "efficientnet_lite0_aug5_0123456789abcdef"  # the cache keeps its shards in one folder per key
+    shard.mkdir(parents=True)
+    (shard / "x.pt").write_text("")
     for f in (out / "runs").iterdir():
         f.unlink()
     with pytest.raises(KeyboardInterrupt):
