@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .results import _pct  # the RESULTS.md format: "–" when missing, ± std, [95 % interval]
+from .tables import _interval, _p, _points
 
 DATASETS = ("weather", "fruits", "covid")
 
@@ -44,7 +45,7 @@ def distil_section(runs: list[dict], out: Path, config: RunConfig) -> list[str]:
 
     lines = [title, "",
              f"The student {student} ({mode}) with cross-entropy alone, the same student trained with the "
-             f"distillation loss on the logits of a {teacher} cross-entropy teacher ({tmode}, {config.teacher_image_size} px), "
+             f"distillation loss on the logits of a cross-entropy teacher on {teacher} ({tmode}, {config.teacher_image_size} px), "
              f"and the teacher itself. The teacher of each run is trained with the run's seed, on the same training "
              f"images, and gives its logits for the same augmented views (the same crop, flip and jitter, each "
              f"backbone at its own input size). Top-1 in % as mean ± std [95 % interval] over the seeds the distilled "
@@ -80,8 +81,8 @@ def distil_section(runs: list[dict], out: Path, config: RunConfig) -> list[str]:
             diff = p = ""
             if loss == label and len(pair):
                 d = pair.iloc[0]
-                diff = f"{100 * d.mean_diff:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}]"
-                p = f"{d.p_value:.3g}"
+                diff = f"{_points(d.mean_diff, sign=True)} {_interval(d.ci_low, d.ci_high, sign=True)}"
+                p = _p(d.p_value)
                 verdicts.append((dataset, d.mean_diff, d.p_value, d.ci_low, d.ci_high))
             lines.append(f"| {dataset} | {name} | {int(r.seeds)} | {_pct(r.top1_mean, r.top1_std, r.top1_ci95)} | "
                          f"{diff} | {p} | {size_cells(backbone)} |")
@@ -90,14 +91,17 @@ def distil_section(runs: list[dict], out: Path, config: RunConfig) -> list[str]:
         helped = [d for d, diff, p, lo, hi in verdicts if p < 0.05 and diff > 0]
         hurt = [d for d, diff, p, lo, hi in verdicts if p < 0.05 and diff < 0]
         unclear = [d for d, *_ in verdicts if d not in helped and d not in hurt]
+        n_seeds = len({int(r["seed"]) for r in distilled})
         words = []
         if helped:
-            words.append(f"distillation helps the student on {', '.join(helped)} (significant at 0.05)")
+            words.append(f"it helps the student on {', '.join(helped)} (significant at 0.05)")
         if hurt:
             words.append(f"it hurts on {', '.join(hurt)} (significant at 0.05)")
         if unclear:
-            words.append(f"on {', '.join(unclear)} the difference is not significant at 0.05 with "
-                         f"{len({int(r['seed']) for r in distilled})} seeds: no evidence that it helps there")
-        lines += ["Does distillation help here? " + "; ".join(words) + ".", ""]
+            seeds = f"{n_seeds} seed{'' if n_seeds == 1 else 's'}"
+            words.append(f"on {', '.join(unclear)} the difference is not significant at 0.05 with {seeds}, "
+                         f"so no evidence that it helps there")
+        answer = "Yes" if helped and not hurt and not unclear else "Partly" if helped else "No"
+        lines += [f"Does distillation help here? {answer}: " + "; ".join(words) + ".", ""]
     return lines
 

@@ -141,7 +141,7 @@ def _shortfalls(cells: list, runs: list[dict]) -> list[str]:
         gap = (value / 100 - row.top1_mean) * n_valid
         lines.append(
             f"- **{loss} on {dataset}** (published {value} %, one run): {row['mode']} {_pct(row.top1_mean)} % over "
-            f"{int(row.seeds)} seeds; best seed {max(100 * r['final']['valid_top1'] for r in mine):.1f} %; best "
+            f"{int(row.seeds)} seed{'' if int(row.seeds) == 1 else 's'}; best seed {max(100 * r['final']['valid_top1'] for r in mine):.1f} %; best "
             f"epoch per seed, chosen on valid, {sum(best_epoch) / len(best_epoch):.1f} %. The valid set has "
             f"{n_valid} images (one is {100 / n_valid:.2f} points): the mean is {gap:.1f} images short.")
     return lines + [""]

@@ -65,7 +65,9 @@ def test_lite1_teaches_lite0_and_is_reused(folder, tmp_path, mode):
     assert [r.split(" | ")[1] for r in rows] == ["efficientnet_lite0 cross-entropy", "efficientnet_lite0 distilled",
                                                  "efficientnet_lite1 teacher"]
     assert all(" | 1 | " in r for r in rows)  # one seed each
-    assert any(line.startswith("Does distillation help here?") for line in section)
+    # One seed cannot be tested, so the plain answer is no evidence either way.
+    assert any(line.startswith("Does distillation help here? No: on tiny the difference is not significant")
+               for line in section)
 
     # A different teacher is a different run, beside the first.
     if mode == "frozen":
