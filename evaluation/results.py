@@ -161,7 +161,7 @@ def _verdicts(summary, runs: list[dict], plots: Path) -> list[str]:
     comparison = stats.compare_runs(cv_runs, "cross_entropy")
     cv = summary[summary["protocol"] == "cv"] if "protocol" in summary else summary.iloc[0:0]
     configs = [c for _, c in grid_configs() if c.protocol == "cv"]
-    folds = ", ".join(sorted({f"{c.mode}: {c.folds} folds × {c.repeats} repeats" for c in configs}))
+    folds = ", ".join(sorted({f"{c.mode}: {c.folds} folds × {c.repeats} repeat{'' if c.repeats == 1 else 's'}" for c in configs}))
     lines = ["## Which loss? (cross-validation)", "",
              f"The verdicts: each dataset's labelled images pooled and dealt into stratified folds ({folds}; "
              f"byte-identical images in one fold), the same folds for every loss. Each run chooses its epoch on a "
