@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from .files import write_text_atomically
@@ -122,7 +122,9 @@ def _decode(open_image, name: str, size: int | None, advice: str, max_pixels: in
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises many types for bad files; all mean "unusable"
-        raise ImageDecodeError(f"cannot decode image {name}: {type(e).__name__}: {e}. {advice}") from e
+        # PIL's own text for an unknown format names its stream object (a BytesIO's address for an upload).
+        why = "not a format PIL recognises" if isinstance(e, UnidentifiedImageError) else e
+        raise ImageDecodeError(f"cannot decode image {name}: {type(e).__name__}: {why}. {advice}") from e
 
 
 def squared(im: Image.Image, size: int) -> np.ndarray:

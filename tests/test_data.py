@@ -368,7 +368,7 @@ def odd_files(tmp_path):
 
 
 @pytest.mark.parametrize("kind, reason", [("truncated", "OSError"), ("empty", "empty"),
-                                          ("text", "cannot identify image file")])
+                                          ("text", "not a format PIL recognises")])
 def test_undecodable_files_raise_naming_the_file(odd_files, kind, reason):
     with pytest.raises(ImageDecodeError) as err:
         decode_image(odd_files[kind])

@@ -188,8 +188,9 @@ def test_image_bytes_decode_as_the_harness_decodes_their_files(tmp_path):
         decode_image_bytes(jpeg[: len(jpeg) // 2], size=16, name="cut.jpg")
     with pytest.raises(ImageDecodeError, match=r"cannot decode image empty.png: it is empty"):
         decode_image_bytes(b"", size=16, name="empty.png")
-    with pytest.raises(ImageDecodeError, match=r"cannot decode image notes.txt: UnidentifiedImageError"):
+    with pytest.raises(ImageDecodeError, match=r"cannot decode image notes.txt: UnidentifiedImageError") as err:
         decode_image_bytes(b"hello, world", size=16, name="notes.txt")
+    assert "BytesIO" not in str(err.value)  # the upload's name, not PIL's stream object
     big = png_bytes("RGB", size=(300, 200))
     with pytest.raises(ImageDecodeError, match=r"big.png: it is 300x200 pixels, more than the 50000 allowed"):
         decode_image_bytes(big, 50_000, size=16, name="big.png")
