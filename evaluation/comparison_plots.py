@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .plots import DPI, _loss_colors, _plural, _record_get, _select, plot_name
+from .plots import DPI, _loss_colors, _record_get, _select, plot_name
 from .significance import AVERAGE
 from .stats import in_group, resolution
+from .tables import plural
 
 TEST_LABEL = {"cv": "corrected resampled t (Nadeau–Bengio)", "split": "paired t over seeds (training noise only)"}
 
@@ -86,7 +87,7 @@ def plot_differences(runs: list[dict], comparison, dataset: str, plots_dir, back
     n = int(vs["n"].max())
     title = (f"{sel.context}: paired differences against {baseline} ({means.get(baseline, math.nan):.1f} %)\n"
              f"mean and 95 % interval, {TEST_LABEL[sel.protocol]}\n"
-             f"p Holm-adjusted over {_plural(len(losses), 'comparison')}; grey = single {sel.unit}s (n = {n})")
+             f"p Holm-adjusted over {plural(len(losses), 'comparison')}; grey = single {sel.unit}s (n = {n})")
     if len(n_test):
         title += f"; one scored image = {resolution(n_test.min())}"
     fig.suptitle(title, fontsize=10.5)  # centred on the figure, not the axes, which the p-values offset
@@ -219,7 +220,7 @@ def plot_confusion(runs: list[dict], dataset: str, plots_dir, backbone=None, mod
         ax.set_yticks(range(k), labels if shown else [], fontsize=8)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        ax.set_title(f"{loss}\n{int(counts.sum())} scored images over {_plural(units[loss], sel.unit)}", fontsize=10)
+        ax.set_title(f"{loss}\n{int(counts.sum())} scored images over {plural(units[loss], sel.unit)}", fontsize=10)
     for ax in axes[len(losses):]:
         ax.set_visible(False)
     bar = fig.add_axes((1 - (right - 0.3) / width, bottom / height, 0.15 / width, 1 - (top + bottom) / height))

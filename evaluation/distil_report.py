@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .results import _pct  # the RESULTS.md format: "–" when missing, ± std, [95 % interval]
-from .tables import _interval, _p, _points
+from .tables import _interval, _p, _points, plural
 
 DATASETS = ("weather", "fruits", "covid")
 
@@ -91,16 +91,15 @@ def distil_section(runs: list[dict], out: Path, config: RunConfig) -> list[str]:
         helped = [d for d, diff, p, lo, hi in verdicts if p < 0.05 and diff > 0]
         hurt = [d for d, diff, p, lo, hi in verdicts if p < 0.05 and diff < 0]
         unclear = [d for d, *_ in verdicts if d not in helped and d not in hurt]
-        n_seeds = len({int(r["seed"]) for r in distilled})
         words = []
         if helped:
             words.append(f"it helps the student on {', '.join(helped)} (significant at 0.05)")
         if hurt:
             words.append(f"it hurts on {', '.join(hurt)} (significant at 0.05)")
         if unclear:
-            seeds = f"{n_seeds} seed{'' if n_seeds == 1 else 's'}"
-            words.append(f"on {', '.join(unclear)} the difference is not significant at 0.05 with {seeds}, "
-                         f"so no evidence that it helps there")
+            n_seeds = len({int(r["seed"]) for r in distilled})
+            words.append(f"on {', '.join(unclear)} the difference is not significant at 0.05 with "
+                         f"{plural(n_seeds, 'seed')}, so no evidence that it helps there")
         answer = "Yes" if helped and not hurt and not unclear else "Partly" if helped else "No"
         lines += [f"Does distillation help here? {answer}: " + "; ".join(words) + ".", ""]
     return lines

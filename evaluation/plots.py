@@ -25,6 +25,7 @@ from . import stats as _stats
 from .files import safe_name, write_text_atomically
 from .records import protocol_of
 from .stats import as_float
+from .tables import plural
 
 DPI = 120
 PLOTS_STAMP = ".plots-stamp.json"
@@ -141,14 +142,10 @@ def _band(ax, stats: pd.DataFrame, color, label, scale=1.0):
     ax.fill_between(x, scale * stats["min"], scale * stats["max"], color=color, alpha=0.18, linewidth=0)
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _seed_counts(runs, unit="seed") -> str:
     ok = sum(r["status"] == "ok" for r in runs)
     failed = len(runs) - ok
-    return _plural(ok, unit) + (f" + {failed} failed" if failed else "")
+    return plural(ok, unit) + (f" + {failed} failed" if failed else "")
 
 
 def unit_of(rec) -> str:
@@ -246,7 +243,7 @@ def plot_loss_curves(runs: list[dict], dataset: str, plots_dir, backbone=None, m
             ax.legend(handles, labels, fontsize=8, loc="upper right")
     for ax in axes[len(losses):]:
         ax.set_visible(False)
-    return _save_panels(fig, f"{sel.context}: train/valid loss per epoch (mean over {_plural(max_seeds, sel.unit)})"
+    return _save_panels(fig, f"{sel.context}: train/valid loss per epoch (mean over {plural(max_seeds, sel.unit)})"
                              f"\nband = min–max over {sel.unit}s; after early stopping, over the {sel.unit}s that "
                              f"reached the epoch", sel.path(plots_dir, "loss_curves"))
 
@@ -306,7 +303,7 @@ def plot_accuracy_curves(runs: list[dict], dataset: str, plots_dir, backbone=Non
             ax.set_ylabel("valid top-1 (%)")
         if i < len(losses):
             ax.set_xlabel("epoch")
-    return _save_panels(fig, f"{sel.context}: valid top-1 per epoch (mean over {_plural(max_seeds, sel.unit)})"
+    return _save_panels(fig, f"{sel.context}: valid top-1 per epoch (mean over {plural(max_seeds, sel.unit)})"
                              f"\nband = min–max over {sel.unit}s; grey = the other losses' "
                              f"means; black dotted = failed run",
                         sel.path(plots_dir, "accuracy_curves"))

@@ -126,6 +126,8 @@ def regeneration_time(ledger: list[dict]) -> str:
 
 def _shortfalls(cells: list, runs: list[dict]) -> list[str]:
     """Where the better mode stays below the published value: what was tried, and how far off it is."""
+    from .tables import plural
+
     lines = ["### Where we fall short", "",
              "Tried for each of these cells: the frozen backbone and fine-tuning its last two stages (both in the "
              "table above), every seed of each. For scale, the best single seed, and what picking each seed's best "
@@ -141,7 +143,7 @@ def _shortfalls(cells: list, runs: list[dict]) -> list[str]:
         gap = (value / 100 - row.top1_mean) * n_valid
         lines.append(
             f"- **{loss} on {dataset}** (published {value} %, one run): {row['mode']} {_pct(row.top1_mean)} % over "
-            f"{int(row.seeds)} seed{'' if int(row.seeds) == 1 else 's'}; best seed {max(100 * r['final']['valid_top1'] for r in mine):.1f} %; best "
+            f"{plural(int(row.seeds), 'seed')}; best seed {max(100 * r['final']['valid_top1'] for r in mine):.1f} %; best "
             f"epoch per seed, chosen on valid, {sum(best_epoch) / len(best_epoch):.1f} %. The valid set has "
             f"{n_valid} images (one is {100 / n_valid:.2f} points): the mean is {gap:.1f} images short.")
     return lines + [""]
@@ -161,7 +163,7 @@ def _verdicts(summary, runs: list[dict], plots: Path) -> list[str]:
     comparison = stats.compare_runs(cv_runs, "cross_entropy")
     cv = summary[summary["protocol"] == "cv"] if "protocol" in summary else summary.iloc[0:0]
     configs = [c for _, c in grid_configs() if c.protocol == "cv"]
-    folds = ", ".join(sorted({f"{c.mode}: {c.folds} folds × {c.repeats} repeat{'' if c.repeats == 1 else 's'}" for c in configs}))
+    folds = ", ".join(sorted({f"{c.mode}: {c.folds} folds × {tables.plural(c.repeats, 'repeat')}" for c in configs}))
     lines = ["## Which loss? (cross-validation)", "",
              f"The verdicts: each dataset's labelled images pooled and dealt into stratified folds ({folds}; "
              f"byte-identical images in one fold), the same folds for every loss. Each run chooses its epoch on a "

@@ -82,6 +82,11 @@ MARK = "●"
 TEST_NAME = {"cv": "corrected resampled t", "split": "paired t over seeds"}
 
 
+def plural(n: int, word: str) -> str:
+    """"1 seed", "3 seeds"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _points(x, sign=False) -> str:
     """A difference of fractions in points, with a true minus sign."""
     if x is None or not np.isfinite(x):
